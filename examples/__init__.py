@@ -1,0 +1,1 @@
+"""Example applications for minipub; run each from the repository root."""
