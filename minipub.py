@@ -242,6 +242,7 @@ _ACCEPT, _WAKE, _QUEUED = object(), object(), object()
 # connection back, which saves two thread hand-offs per request under load.
 _LINGER = 0.0015
 _RECV = 256 * KiB
+_DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
 
 
 class _Listener(socketserver.TCPServer):
@@ -762,6 +763,11 @@ class RequestParser:
         return len(self.buffer)
 
     @property
+    def body_left(self):
+        """Bytes of a Content-Length body not yet returned; None when chunked."""
+        return self._remaining if self._state == self._fixed_body else None
+
+    @property
     def in_body(self) -> bool:
         """True between a RequestHead and its END_OF_MESSAGE."""
         return self._state != self._head
@@ -937,8 +943,6 @@ def parse_head(block: bytes, parser: RequestParser) -> RequestHead:
 def _request_line(line: bytes) -> RequestHead:
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
-        if re.fullmatch(rb"\S+ \S+ HTTP/[0-9]+\.[0-9]+", line):
-            raise ProtocolError(505, "HTTP version not supported.")
         raise ProtocolError(400, "Malformed request line.")
     method, target, major, minor = match.groups()
     if (major, minor) not in ((b"1", b"1"), (b"1", b"0")):
@@ -1394,7 +1398,7 @@ class _Exchange:
                 lines.append("Transfer-Encoding: chunked\r\n")
             else:
                 self.close = True  # HTTP/1.0 without a length: the close ends the body
-        if self.server._stopping:
+        if self.server._stopping or self.unread_body_too_big():
             self.close = True
         if self.close:
             lines.append("Connection: close\r\n")
@@ -1404,13 +1408,22 @@ class _Exchange:
         self.headers_sent = True
         self.server.send(self.conn, "".join(lines).encode("latin-1") + self.frame(first))
 
+    def unread_body_too_big(self) -> bool:
+        """True if the rest of the request body will not be drained but closed on."""
+        parser = self.conn.parser
+        if not parser.in_body:
+            return False
+        if self.head.expect_continue and not self.input.continue_sent:
+            return True  # we never asked for that body
+        return parser.body_left is not None and parser.body_left > _DRAIN
+
     def finish_body(self):
         """Make the connection ready for the next request, or mark it to close."""
         if not self.conn.parser.in_body:
             return
         if self.head.expect_continue and not self.input.continue_sent:
             self.close = True  # we never asked for the body; don't wait for it
-        elif not self.close and not self.input.drain(64 * KiB):
+        elif not self.close and not self.input.drain(_DRAIN):
             self.close = True
 
     def log(self, environ):

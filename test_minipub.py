@@ -116,20 +116,444 @@ def call_app(app, method="GET", path="/", query="", body=b"", headers=None):
 # Configuration and limits
 # ===========================================================================
 
+def test_config_defaults_and_types():
+    config = minipub.make_config({"server.socket_port": 9000, "server.socket_timeout": 3})
+    assert config["server.socket_port"] == 9000 and config["server.socket_timeout"] == 3.0
+    assert config["server.socket_host"] == "127.0.0.1" and config["server.thread_pool"] == 10
+    with pytest.raises(minipub.ConfigError, match="server.socket_prot"):
+        minipub.make_config({"server.socket_prot": 1})
+    with pytest.raises(minipub.ConfigError, match="server.thread_pool"):
+        minipub.make_config({"server.thread_pool": "ten"})
+    with pytest.raises(minipub.ConfigError, match="negative"):
+        minipub.make_config({"server.head_timeout": -1})
+    with pytest.raises(minipub.ConfigError):
+        minipub.Server(hello_app, "127.0.0.1", 0, no_such_option=1)
+
+
+def test_config_ini_file(tmp_path):
+    ini = tmp_path / "site.ini"
+    ini.write_text("[global]\nserver.socket_port = 9090\nlog.screen = False\n"
+                   "server.trusted_proxies = ['10.0.0.0/8']\n")
+    config = minipub.load_config(str(ini))
+    assert config["server.socket_port"] == 9090 and config["log.screen"] is False
+    assert config["server.trusted_proxies"] == ("10.0.0.0/8",)
+    ini.write_text("[global]\nserver.socket_host = __import__('os').system('false')\n")
+    with pytest.raises(minipub.ConfigError, match="not a Python literal"):
+        minipub.load_config(str(ini))
+    ini.write_text("[global]\nserver.bogus = 1\n")
+    with pytest.raises(minipub.ConfigError, match="server.bogus"):
+        minipub.load_config(str(ini))
+    ini.write_text("[/]\ntools.x = 1\n")
+    with pytest.raises(minipub.ConfigError, match="section"):
+        minipub.load_config(str(ini))
+
+
+def test_every_limit_has_a_reason_and_a_cli_option():
+    help_text = minipub._arg_parser().format_help()
+    for key, default, unit, why in minipub.LIMITS:
+        assert why and unit in minipub._UNIT_TYPES
+        assert "--" + key in help_text
+        assert minipub.make_config()[key] == default
+
 
 # ===========================================================================
 # Server: accept, poll, workers
 # ===========================================================================
+
+def test_keepalive_and_pipelining_in_order(serve):
+    server = serve(hello_app)
+    raw = (b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+           b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+           b"POST /3 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n1\r\nz\r\n0\r\n\r\n"
+           b"GET /4 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    got = responses(exchange(server.port, raw))
+    assert [(status, body) for status, _, body in got] == [
+        (200, b"hello "), (200, b"hello abc"), (200, b"hello xyz"), (200, b"hello ")]
+    assert got[-1][1]["connection"] == "close"
+
+
+def test_keepalive_sequential_requests_share_one_connection(serve):
+    server = serve(hello_app)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        for i in range(3):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            data = b""
+            while not data.endswith(b"hello "):
+                data += sock.recv(4096)
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_http10_client_and_head(serve):
+    server = serve(hello_app)
+    status, headers, body = responses(exchange(server.port, b"GET / HTTP/1.0\r\n\r\n"))[0]
+    assert (status, body) == (200, b"hello ")
+    raw = exchange(server.port, b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert raw.endswith(b"\r\n\r\n") and b"Content-Length: 6\r\n" in raw
+
+
+def test_chunked_response_for_unknown_length(serve):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (part for part in [b"ab", b"", b"cd"])
+    server = serve(app)
+    raw = exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert b"Transfer-Encoding: chunked\r\n" in raw and raw.endswith(b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n")
+    raw10 = exchange(server.port, b"GET / HTTP/1.0\r\n\r\n")
+    assert raw10.endswith(b"\r\n\r\nabcd") and b"chunked" not in raw10
+
+
+def test_expect_100_continue(serve):
+    server = serve(hello_app)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"body")
+        data = b""
+        while not data.endswith(b"hello body"):
+            data += sock.recv(4096)
+
+
+def test_expect_100_not_sent_when_body_is_not_read(serve):
+    def app(environ, start_response):
+        start_response("403 Forbidden", [("Content-Type", "text/plain")])
+        return [b"no"]
+    server = serve(app)
+    raw = exchange(server.port, b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 99\r\nExpect: 100-continue\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 403") and b"100 Continue" not in raw
+    assert b"Connection: close" in raw
+
+
+def test_unread_body_is_drained_or_connection_closed(serve):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode()]
+    server = serve(app)
+    small = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nGET /x"
+    got = responses(exchange(server.port, small + b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    assert [body for _, _, body in got] == [b"/a", b"/b"]  # the body never became a request
+    big = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100000
+    got = responses(exchange(server.port, big))
+    assert len(got) == 1 and got[0][1]["connection"] == "close"
+
+
+def test_absolute_form_target(serve):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [("%s %s %s" % (environ["HTTP_HOST"], environ["PATH_INFO"], environ["QUERY_STRING"])).encode()]
+    server = serve(app)
+    raw = exchange(server.port, b"GET http://example.com:8000/p%20q?x=1 HTTP/1.1\r\nHost: other\r\n"
+                                b"Connection: close\r\n\r\n")
+    assert responses(raw)[0][2] == b"example.com:8000 /p q x=1"
+
+
+@pytest.mark.parametrize("bad", [
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+])
+def test_framing_error_answers_once_and_closes(serve, bad):
+    server = serve(hello_app)
+    got = responses(exchange(server.port, bad + b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"))
+    assert [status for status, _, _ in got] == [400]
+    assert got[0][1]["connection"] == "close"
+
+
+def test_framing_error_in_body_closes_even_if_app_catches_it(serve):
+    def app(environ, start_response):
+        try:
+            environ["wsgi.input"].read()
+        except minipub.ProtocolError:
+            pass
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"caught"]
+    server = serve(app)
+    bad = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX"
+    got = responses(exchange(server.port, bad + b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"))
+    assert [body for _, _, body in got] == [b"caught"]
+
+
+def test_small_response_is_one_write(serve, monkeypatch):
+    writes = []
+    original = minipub.Server.send
+    monkeypatch.setattr(minipub.Server, "send", lambda self, conn, data: (writes.append(data), original(self, conn, data)))
+    server = serve(hello_app)
+    exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\nhello ")
+
+
+def test_idle_server_sleeps_without_timeout(serve):
+    server = serve(hello_app)
+    assert server._next_timeout() is None  # select() blocks forever: no periodic wake-ups
+    names = {t.name for t in threading.enumerate()}
+    assert sum(n.startswith("minipub-") for n in names) == server.config["server.thread_pool"] + 1
+
+
+def test_stop_finishes_in_flight_requests_and_leaks_no_threads(serve):
+    before = threading.active_count()
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(environ, start_response):
+        entered.set()
+        release.wait(5)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"finished"]
+    server = minipub.Server(slow, "127.0.0.1", 0, thread_pool=2).start()
+    result = {}
+    client = threading.Thread(target=lambda: result.setdefault(
+        "raw", exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")))
+    client.start()
+    assert entered.wait(5)
+    stopper = threading.Thread(target=server.stop, args=(10,))
+    stopper.start()
+    release.set()
+    stopper.join(10)
+    client.join(10)
+    assert responses(result["raw"])[0][2] == b"finished"
+    assert b"Connection: close" in result["raw"]
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+
+
+def test_serve_forever_in_a_thread_installs_no_signal_handlers():
+    server = minipub.Server(hello_app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not server._ready.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert responses(exchange(server.port, b"GET / HTTP/1.0\r\n\r\n"))[0][2] == b"hello "
+    server.stop()
+    thread.join(5)
+    assert not thread.is_alive()
 
 
 # ===========================================================================
 # HTTP/1.1 parser
 # ===========================================================================
 
+NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def feed(raw, mode, config=None):
+    """Feed ``raw`` whole, byte by byte, or with a trailing request; returns
+    ([(method, target, body)], error status or None)."""
+    parser = minipub.RequestParser(config)
+    chunks = {"whole": [raw], "bytes": [raw[i:i + 1] for i in range(len(raw))],
+              "trailing": [raw + NEXT]}[mode]
+    requests, current = [], None
+    try:
+        for chunk in chunks:
+            parser.receive(chunk)
+            while True:
+                event = parser.next_event()
+                if event is minipub.NEED_DATA:
+                    break
+                if isinstance(event, minipub.RequestHead):
+                    current = [event.method, event.target, b""]
+                elif event is minipub.END_OF_MESSAGE:
+                    requests.append(tuple(current))
+                else:
+                    current[2] += event
+    except minipub.ProtocolError as err:
+        if mode == "trailing":
+            # the error is sticky: nothing after it is ever parsed as a request
+            with pytest.raises(minipub.ProtocolError):
+                parser.next_event()
+        return requests, err.status
+    if mode == "trailing":
+        assert requests[-1] == ("GET", "/next", b"")
+        requests.pop()
+    return requests, None
+
+
+MODES = ["whole", "bytes", "trailing"]
+H = b"Host: x\r\n"
+GOOD = [
+    (b"GET / HTTP/1.1\r\n" + H + b"\r\n", [("GET", "/", b"")]),
+    (b"GET /a?b=c HTTP/1.0\r\n\r\n", [("GET", "/a?b=c", b"")]),
+    (b"\r\nGET / HTTP/1.1\r\n" + H + b"\r\n", [("GET", "/", b"")]),  # one leading CRLF tolerated
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nhello", [("POST", "/", b"hello")]),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+     [("POST", "/", b"hello")]),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n6;name=val\r\n world\r\n0\r\nTrailer-Field: x\r\n\r\n",
+     [("POST", "/", b"hello world")]),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: Chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n",
+     [("POST", "/", b"0123456789")]),
+    (b"GET http://example.com/p?q HTTP/1.1\r\nHost: other\r\n\r\n", [("GET", "http://example.com/p?q", b"")]),
+    (b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", [("OPTIONS", "*", b"")]),
+    (b"GET / HTTP/1.1\r\n" + H + b"X-Empty:\r\nX-Tab:\tv\t\r\nX-Obs: caf\xe9\r\n\r\n", [("GET", "/", b"")]),
+    (b"GET / HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", [("GET", "/", b""), ("GET", "/2", b"")]),
+]
+BAD = [
+    # Content-Length is 1*DIGIT and nothing else
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: +5\r\n\r\nhello", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: -5\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5_0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5 0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0x5\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + "Content-Length: \uff15\r\n\r\n".encode("utf-8"), 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: \xd9\xa5\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5, 5\r\n\r\nhello", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1234567890123456789012\r\n\r\n", 400),
+    # Transfer-Encoding must be exactly chunked
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, identity\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chun ked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    # chunk-size = 1*HEXDIG, bounded; chunk data ends with CRLF
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 17 + b"5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"e" * 2000 + b"\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", 400),
+    # field syntax
+    (b"GET / HTTP/1.1\r\n" + H + b"X: a\rb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X: a\x00b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X: a\x01b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X: a\x7fb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X : a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X\t: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X: a\r\n b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X(y): a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b": a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"X_Forwarded_For: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\n" + H + b"\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + H + b"Expect: something\r\n\r\n", 417),
+    # request line
+    (b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
+    (b"GET / HTTP/1.2\r\n" + H + b"\r\n", 505),
+    (b"GET / HTTP/1.1x\r\n" + H + b"\r\n", 400),
+    (b"GET / http/1.1\r\n" + H + b"\r\n", 400),
+    (b"GET  / HTTP/1.1\r\n" + H + b"\r\n", 400),
+    (b"GET /\x00 HTTP/1.1\r\n" + H + b"\r\n", 400),
+    (b"GET /\xff HTTP/1.1\r\n" + H + b"\r\n", 400),
+    (b"GET /#frag HTTP/1.1\r\n" + H + b"\r\n", 400),
+    (b"GET ftp://x/ HTTP/1.1\r\n" + H + b"\r\n", 400),
+    (b"CONNECT example.com:443 HTTP/1.1\r\n" + H + b"\r\n", 501),
+    (b"G(T / HTTP/1.1\r\n" + H + b"\r\n", 400),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + H + b"\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + H + b"X: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + H + b"".join(b"X%d: a\r\n" % i for i in range(101)) + b"\r\n", 431),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("raw,expected", GOOD)
+def test_parser_accepts(raw, expected, mode):
+    assert feed(raw, mode) == (expected, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("raw,status", BAD)
+def test_parser_rejects(raw, status, mode):
+    requests, error = feed(raw, mode)
+    assert error == status
+    assert requests == []
+
+
+def test_parser_limits_are_early_and_configurable():
+    # 414 and 431 come before the head is complete, so a client cannot make us buffer more
+    config = minipub.make_config({"server.max_request_line_size": 20, "server.max_request_header_size": 40})
+    parser = minipub.RequestParser(config)
+    parser.receive(b"GET /" + b"a" * 30)
+    with pytest.raises(minipub.ProtocolError) as err:
+        parser.next_event()
+    assert err.value.status == 414
+    parser = minipub.RequestParser(config)
+    parser.receive(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 50)
+    with pytest.raises(minipub.ProtocolError) as err:
+        parser.next_event()
+    assert err.value.status == 431
+    at_limit = b"GET /" + b"a" * 6 + b" HTTP/1.1"  # exactly 20 bytes
+    assert feed(at_limit + b"\r\nHost: x\r\n\r\n", "whole", config)[1] is None
+    assert feed(at_limit.replace(b"/", b"/a") + b"\r\nHost: x\r\n\r\n", "whole", config)[1] == 414
+
+
+def test_parser_body_limit_413():
+    config = minipub.make_config({"server.max_request_body_size": 10})
+    raw = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n" + b"a" * 11
+    assert feed(raw, "whole", config)[1] == 413
+    chunked = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n6\r\naaaaaa\r\n5\r\naaaaa\r\n0\r\n\r\n"
+    assert feed(chunked, "bytes", config)[1] == 413
+    ok = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + b"a" * 10
+    assert feed(ok, "whole", config) == ([("POST", "/", b"a" * 10)], None)
+
+
+def test_parser_head_semantics():
+    parser = minipub.RequestParser()
+    parser.receive(b"POST http://Example.com:81/p?q=1 HTTP/1.0\r\nHost: other\r\nConnection: keep-alive\r\n"
+                   b"Content-Length: 0\r\n\r\n")
+    head = parser.next_event()
+    assert (head.path, head.query, head.host, head.keep_alive) == ("/p", "q=1", "Example.com:81", True)
+    parser = minipub.RequestParser()
+    parser.receive(b"PUT / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\n"
+                   b"Content-Length: 3\r\n\r\n")
+    head = parser.next_event()
+    assert (head.keep_alive, head.expect_continue, head.content_length) == (False, True, 3)
+    assert parser.next_event() is minipub.NEED_DATA
+
 
 # ===========================================================================
 # WSGI bridge
 # ===========================================================================
+
+def test_any_wsgi_app_with_write_callable(serve):
+    def app(environ, start_response):
+        write = start_response("201 Created", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+        write(b"abc")
+        return [b"def"]
+    server = serve(app)
+    status, headers, body = responses(exchange(server.port, b"GET / HTTP/1.0\r\n\r\n"))[0]
+    assert (status, body, headers["content-length"]) == (201, b"abcdef", "6")
+
+
+@pytest.mark.parametrize("status,headers", [
+    ("200 OK\r\nX-Injected: 1", []),
+    ("200 OK", [("X-A", "a\r\nX-Injected: 1")]),
+    ("200 OK", [("X-A", "a\nb")]),
+    ("200 OK", [("X-A", "a\x00b")]),
+    ("200 OK", [("X A", "a")]),
+    ("200 OK", [("Connection", "close")]),
+    ("200 OK", [("Transfer-Encoding", "chunked")]),
+    ("OK", []),
+])
+def test_start_response_refuses_unsafe_fields(serve, status, headers):
+    def app(environ, start_response):
+        start_response(status, headers)
+        return [b"never"]
+    server = serve(app)
+    raw = exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 500 ") and b"X-Injected" not in raw and b"never" not in raw
+
+
+def test_application_is_valid_wsgi():
+    class Root:
+        @minipub.expose
+        def index(self):
+            return "hi"
+
+        @minipub.expose
+        def stream(self):
+            yield "a"
+            yield b"b"
+    app = minipub.Application(Root())
+    assert call_app(app)[::2] == (200, b"hi")
+    assert call_app(app, path="/stream")[::2] == (200, b"ab")
+    assert call_app(app, path="/missing")[0] == 404
 
 
 # ===========================================================================
