@@ -1957,7 +1957,8 @@ def _body_params(req) -> dict:
     kind = ctype.partition(";")[0].strip(" \t").lower()
     if kind == "application/x-www-form-urlencoded":
         from urllib.parse import parse_qsl
-        data = req.body.read().decode("utf-8", "replace")
+        length = req.environ.get("CONTENT_LENGTH")
+        data = req.body.read(int(length) if length else 16 * MiB).decode("utf-8", "replace")
         try:
             return _pairs_to_dict(parse_qsl(data, keep_blank_values=True, max_num_fields=1000))
         except ValueError:
@@ -1969,11 +1970,9 @@ def _body_params(req) -> dict:
 
 def _body_of(result, resp):
     """A handler's return value as a WSGI body, with a Content-Type by default."""
-    if result is None:
-        return []
-    if isinstance(result, str):
+    if result is None or isinstance(result, str):
         resp.headers.setdefault("Content-Type", "text/html; charset=utf-8")
-        return [result.encode("utf-8")]
+        return [result.encode("utf-8")] if result else []
     if isinstance(result, bytes):
         resp.headers.setdefault("Content-Type", "application/octet-stream")
         return [result]

@@ -560,6 +560,215 @@ def test_application_is_valid_wsgi():
 # Application and dispatch
 # ===========================================================================
 
+class Node:
+    @minipub.expose
+    def index(self):
+        return "node index"
+
+
+@minipub.expose
+class Items:
+    def GET(self, id=None):
+        return "get %s" % id
+
+    def POST(self, name):
+        return "post %s" % name
+
+
+class DispatchRoot:
+    sub = Node()
+    items = Items()
+
+    @minipub.expose
+    def index(self):
+        return "root"
+
+    @minipub.expose
+    def project(self, id, *args, **kwargs):
+        return "project %s %r %r" % (id, args, sorted(kwargs.items()))
+
+    @minipub.expose
+    def report_xml(self):
+        minipub.response.headers["Content-Type"] = "application/xml"
+        return "<r/>"
+
+    @minipub.expose
+    def exact(self, a, b=None):
+        return "exact %s %s" % (a, b)
+
+    @minipub.expose
+    def raises_typeerror(self):
+        return len(None)
+
+    @minipub.expose
+    def info(self, **kwargs):
+        r = minipub.request
+        return {"method": r.method, "path": r.path, "qs": r.query_string, "ua": r.headers.get("user-agent"),
+                "base": r.base, "scheme": r.scheme, "cookies": r.cookies, "params": r.params}
+
+    @minipub.expose
+    def cookie(self):
+        minipub.response.set_cookie("sid", "abc")
+        return ""
+
+    @minipub.expose
+    def go(self, to):
+        raise minipub.HTTPRedirect(to)
+
+    @minipub.expose
+    def teapot(self, what=""):
+        raise minipub.HTTPError(418, "no <b>%s</b>" % what)
+
+    @minipub.expose
+    def raw(self):
+        return b"\x00\x01"
+
+    @minipub.expose
+    def nothing(self):
+        return None
+
+    @minipub.expose
+    def lines(self):
+        return ("line %d\n" % i for i in range(3))
+
+    @minipub.expose
+    def a_file(self):
+        return open(__file__, "rb")
+
+    def hidden(self):
+        return "never"
+
+    def _print(self):
+        return "print works"
+    _print.exposed = True
+
+
+setattr(DispatchRoot, "print", DispatchRoot._print)
+
+
+class Deep:
+    @minipub.expose
+    def default(self, *args, **kwargs):
+        return "default %r %r" % (args, sorted(kwargs.items()))
+
+
+DispatchRoot.deep = Deep()
+DISPATCH = minipub.Application(DispatchRoot())
+
+
+@pytest.mark.parametrize("path,query,status,body", [
+    ("/", "", 200, b"root"),
+    ("/project/123/456/789", "x=blah", 200, b"project 123 ('456', '789') [('x', 'blah')]"),
+    ("/project/1", "x=1&x=2", 200, b"project 1 () [('x', ['1', '2'])]"),
+    ("/project", "", 404, None),                         # missing positional
+    ("/exact/1/2", "", 200, b"exact 1 2"),
+    ("/exact/1/2/3", "", 404, None),                     # extra positional
+    ("/exact/1", "c=3", 404, None),                      # unexpected query parameter
+    ("/exact/1", "a=2", 404, None),                      # given twice
+    ("/exact", "a=1&b=2", 200, b"exact 1 2"),
+    ("/report.xml", "", 200, b"<r/>"),                   # punctuation maps to _
+    ("/print", "", 200, b"print works"),                 # a reserved word bound with setattr
+    ("/hidden", "", 404, None),                          # not exposed
+    ("/_print", "", 404, None),                          # private names are never reachable
+    ("/__init__", "", 404, None),
+    ("/sub/", "", 200, b"node index"),
+    ("/deep/a/b", "k=v", 200, b"default ('a', 'b') [('k', 'v')]"),
+    ("/deep", "", 200, b"default () []"),
+    ("/nowhere", "", 404, None),
+    ("/raises_typeerror", "", 500, None),                # TypeError inside a handler is a 500
+    ("/items", "", 200, b"get None"),
+    ("/items/7", "", 200, b"get 7"),
+    ("/nothing", "", 200, b""),
+])
+def test_dispatch(path, query, status, body):
+    got_status, headers, got_body = call_app(DISPATCH, path=path, query=query)
+    assert got_status == status
+    if body is not None:
+        assert got_body == body
+
+
+def test_dispatch_index_redirects_to_trailing_slash_keeping_query():
+    status, headers, _ = call_app(DISPATCH, path="/sub", query="a=1")
+    assert status == 301 and headers["location"] == "http://127.0.0.1/sub/?a=1"
+
+
+def test_dispatch_body_params_mismatch_is_400():
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert call_app(DISPATCH, "POST", "/exact", body=b"a=1&b=2", headers=form)[2] == b"exact 1 2"
+    assert call_app(DISPATCH, "POST", "/exact", body=b"a=1&zz=2", headers=form)[0] == 400
+    assert call_app(DISPATCH, "POST", "/items", body=b"name=n", headers=form)[2] == b"post n"
+
+
+def test_method_dispatch_405_and_head():
+    status, headers, _ = call_app(DISPATCH, "DELETE", "/items")
+    assert status == 405 and headers["allow"] == "GET, HEAD, POST"
+    assert call_app(DISPATCH, "HEAD", "/items")[0] == 200
+
+
+def test_return_values_and_content_types():
+    assert call_app(DISPATCH, path="/")[1]["content-type"] == "text/html; charset=utf-8"
+    assert call_app(DISPATCH, path="/report.xml")[1]["content-type"] == "application/xml"
+    status, headers, body = call_app(DISPATCH, path="/raw")
+    assert (headers["content-type"], body) == ("application/octet-stream", b"\x00\x01")
+    assert call_app(DISPATCH, path="/lines")[2] == b"line 0\nline 1\nline 2\n"
+    with open(__file__, "rb") as f:
+        assert call_app(DISPATCH, path="/a_file")[2] == f.read()
+    import json
+    info = json.loads(call_app(DISPATCH, path="/info", query="q=1",
+                               headers={"User-Agent": "t", "Cookie": "a=1; b=\"2\""})[2])
+    assert info == {"method": "GET", "path": "/info", "qs": "q=1", "ua": "t", "base": "http://127.0.0.1",
+                    "scheme": "http", "cookies": {"a": "1", "b": "2"}, "params": {"q": "1"}}
+
+
+def test_cookies_default_to_httponly_samesite_lax():
+    assert call_app(DISPATCH, path="/cookie")[1]["set-cookie"] == "sid=abc; Path=/; HttpOnly; SameSite=Lax"
+
+
+def test_errors_escape_reflected_input_and_hide_tracebacks():
+    status, headers, body = call_app(DISPATCH, path="/teapot", query="what=<script>")
+    assert status == 418 and b"no &lt;b&gt;&lt;script&gt;&lt;/b&gt;" in body and b"<script>" not in body
+    assert headers["x-content-type-options"] == "nosniff"
+    status, _, body = call_app(DISPATCH, path="/raises_typeerror")
+    assert status == 500 and b"Traceback" not in body
+    verbose = minipub.Application(DispatchRoot(), {"request.show_tracebacks": True})
+    assert b"Traceback" in call_app(verbose, path="/raises_typeerror")[2]
+
+
+@pytest.mark.parametrize("target,location", [
+    ("/x", "http://127.0.0.1/x"),
+    ("y", "http://127.0.0.1/y"),
+    ("https://other.example/z", "https://other.example/z"),
+    ("//evil.example/p", "http://evil.example/p"),
+    ("/\\evil.example/p", "http://evil.example/p"),
+])
+def test_redirects_are_absolute(target, location):
+    status, headers, _ = call_app(DISPATCH, path="/go", query="to=" + urllib.request.quote(target))
+    assert (status, headers["location"]) == (303, location)
+
+
+def test_request_objects_are_per_thread(serve):
+    class Root:
+        @minipub.expose
+        def index(self, n):
+            time.sleep(0.01)  # overlap with the other threads' requests
+            return minipub.request.params["n"]
+    server = serve(minipub.Application(Root()))
+    results = {}
+
+    def get(n):
+        url = "http://127.0.0.1:%d/?n=%d" % (server.port, n)
+        results[n] = urllib.request.urlopen(url, timeout=5).read()
+    threads = [threading.Thread(target=get, args=(n,)) for n in range(8)]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert results == {n: str(n).encode() for n in range(8)}
+
+
+def test_quickstart_style_script_name_mount():
+    app = minipub.Application(DispatchRoot(), script_name="/app")
+    assert call_app(app, path="/app/report.xml")[2] == b"<r/>"
+    assert call_app(app, path="/other")[0] == 404
+
 
 # -- virtual hosts and proxies -------------------------------------------------
 

@@ -8,6 +8,7 @@ Every app answers GET / with the 13-byte body ``Hello, world!``.
 * ``hello_wsgi``    - a bare PEP 3333 callable, used for minipub.Server
                       (bench/serve_minipub_wsgi.py), cheroot, waitress and
                       gunicorn.
+* ``serve_waitress``- waitress.serve around ``hello_wsgi``, queue warnings off.
 * ``serve_bottle``  - bottle on its default wsgiref server.
 * ``serve_cherrypy``- CherryPy's own full stack (quickstart, production).
 * ``serve_cheroot`` - cheroot.wsgi.Server around ``hello_wsgi``.
@@ -69,7 +70,11 @@ def serve_cheroot(port, threads):
 
 
 def serve_waitress(port, threads):
+    import logging
     import waitress
+    # waitress warns "Task queue depth is N" for every queued request under
+    # load; the other servers log nothing, so neither does waitress here.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     waitress.serve(hello_wsgi, host=HOST, port=port, threads=threads,
                    _quiet=True)
 

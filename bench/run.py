@@ -84,9 +84,8 @@ def server_specs():
                    ["{py}", "-m", "bench.apps", "cheroot", "{port}", "{threads}"],
                    note="cheroot.wsgi.Server + bare WSGI app"),
         ServerSpec("waitress",
-                   [vb("waitress-serve"), "--host=127.0.0.1", "--port={port}",
-                    "--threads={threads}", "bench.apps:hello_wsgi"],
-                   note="waitress-serve + bare WSGI app"),
+                   ["{py}", "-m", "bench.apps", "waitress", "{port}", "{threads}"],
+                   note="waitress.serve + bare WSGI app (queue warnings off)"),
         ServerSpec("gunicorn-gthread",
                    [vb("gunicorn"), "-k", "gthread", "-w", "1", "--threads", "{threads}",
                     "-b", "127.0.0.1:{port}", "--log-level", "warning",
@@ -567,6 +566,9 @@ def main(argv=None):
                                 % (s.name, r.get("round"),
                                    ", fallback command" if r.get("primary_error") else "",
                                    r["error"].strip(), r["argv"]))
+            if r.get("exit_code") == -9:
+                failures.append("%s (round %s): did not exit within 5 s of SIGTERM; "
+                                "killed" % (s.name, r.get("round")))
             if r.get("died"):
                 failures.append("%s (round %s): %s" % (s.name, r.get("round"), r["died"]))
             for scn, v in r.get("scenarios", {}).items():
