@@ -797,6 +797,133 @@ def test_quickstart_style_script_name_mount():
 # Command line and examples
 # ===========================================================================
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, proc=None, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError("server exited: %r" % (proc.communicate(timeout=5),))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError("port %d never opened" % port)
+
+
+def run_cli(args, cwd, timeout=20):
+    return subprocess.run([sys.executable, os.path.join(HERE, "minipub.py")] + args, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("source,target,message", [
+    (None, "app", "is not MODULE:ATTR"),
+    (None, "nosuchmodule:Root", "cannot import nosuchmodule: ModuleNotFoundError"),
+    ("class Root:\n    def index(self)\n", "app:Root", "SyntaxError"),
+    ("x = 1 / 0\n", "app:Root", "ZeroDivisionError: division by zero (%s, line 1)"),
+    ("class Root: pass\n", "app:Nope", "has no attribute 'Nope'"),
+])
+def test_cli_bad_targets_get_one_line_and_status_2(tmp_path, source, target, message):
+    if source is not None:
+        (tmp_path / "app.py").write_text(source)
+    result = run_cli([target, "--port", "0"], str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    expected = message % (tmp_path / "app.py") if "%s" in message else message
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+
+
+def test_cli_config_errors(tmp_path):
+    (tmp_path / "app.py").write_text("class Root: pass\n")
+    (tmp_path / "bad.ini").write_text("[global]\nserver.socket_prot = 1\n")
+    result = run_cli(["app:Root", "--config", "bad.ini"], str(tmp_path))
+    assert result.returncode == 2 and "server.socket_prot" in result.stderr
+    result = run_cli(["app:Root", "--server.thread_pool", "many"], str(tmp_path))
+    assert result.returncode == 2 and "server.thread_pool" in result.stderr
+
+
+def test_cli_port_in_use(tmp_path):
+    (tmp_path / "app.py").write_text("class Root: pass\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_cli(["app:Root", "--port", str(busy.getsockname()[1])], str(tmp_path))
+    assert result.returncode == 2 and "in use" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_serves_app_that_imports_minipub_and_stops_on_sigterm(tmp_path):
+    import signal
+    (tmp_path / "app.py").write_text(
+        "import minipub\n"
+        "class Root:\n"
+        "    @minipub.expose\n"
+        "    def index(self, who='world'):\n"
+        "        return 'Hello, %s from %s' % (who, minipub.request.path)\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minipub.py"), "app:Root", "--port", str(port)],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, proc)
+        body = urllib.request.urlopen("http://127.0.0.1:%d/?who=you" % port, timeout=5).read()
+        assert body == b"Hello, you from /"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "serving on http://127.0.0.1:%d/" % port in err and '"GET /?who=you HTTP/1.1" 200' in err
+
+
+def test_cli_serves_a_plain_wsgi_callable(tmp_path):
+    (tmp_path / "wapp.py").write_text(
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'plain wsgi']\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minipub.py"), "wapp:application",
+                             "--port", str(port), "--log.screen", "false"], cwd=str(tmp_path))
+    try:
+        wait_for_port(port, proc)
+        assert urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5).read() == b"plain wsgi"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_runs_under_gunicorn_with_workers(tmp_path):
+    gunicorn = pytest.importorskip("gunicorn")
+    (tmp_path / "gapp.py").write_text(
+        "import minipub, os\n"
+        "class Root:\n"
+        "    @minipub.expose\n"
+        "    def index(self):\n"
+        "        return 'pid %d' % os.getpid()\n"
+        "application = minipub.Application(Root())\n")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=HERE)
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:%d" % port,
+                             "--chdir", str(tmp_path), "gapp:application"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc, timeout=20)
+        bodies = {urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5).read() for _ in range(20)}
+        assert all(b.startswith(b"pid ") for b in bodies)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_import_is_lazy():
+    code = ("import sys; sys.path.insert(0, %r); import minipub; heavy = {'ssl', 'json', 'inspect', 'logging', 'email', 'tempfile', "
+            "'argparse', 'configparser', 'http', 'urllib.parse', 'hashlib'}; "
+            "print(sorted(heavy & set(sys.modules)))" % HERE)
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "[]", out.stderr
+
 
 # ===========================================================================
 # Hostile clients and load
