@@ -349,6 +349,8 @@ class Server:
         return ["%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, self.port)]
 
     def _prepare(self):
+        if self._workers:
+            return  # already bound and staffed (serve() prepares early to print its URLs)
         if self.ssl_context is None and self.config["server.ssl_certificate"]:
             self.ssl_context = make_ssl_context(self.config)
         if self.ssl_context is not None:
@@ -795,8 +797,8 @@ class RequestParser:
             self._scanned = 0
         end = buf.find(b"\r\n\r\n", self._scanned)
         if end < 0:
+            self._check_partial(buf, self._scanned)
             self._scanned = max(0, len(buf) - 3)
-            self._check_partial(buf)
             return NEED_DATA
         block = bytes(buf[:end])
         del buf[:end + 4]
@@ -805,14 +807,15 @@ class RequestParser:
         self._start_body(head)
         return head
 
-    def _check_partial(self, buf):
-        first = buf.find(b"\r\n")
+    def _check_partial(self, buf, start):
+        """Limits on an incomplete head; only bytes after ``start`` are new."""
+        first = buf.find(b"\r\n", 0, self.max_line + 2)
         line = len(buf) if first < 0 else first
         if line > self.max_line:
             raise ProtocolError(414, "Request line too long.")
         if len(buf) - line > self.max_header:
             raise ProtocolError(431, "Request header fields too large.")
-        if b"\n\n" in buf or b"\r\r" in buf:
+        if buf.find(b"\n\n", start) >= 0 or buf.find(b"\r\r", start) >= 0:
             raise ProtocolError(400, "Bare CR or LF in the request head.")
 
     def _start_body(self, head):
