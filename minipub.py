@@ -497,9 +497,14 @@ class Server:
         except (ssl.SSLError, OSError) as exc:
             if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
                 try:
-                    os.write(conn.sock.fileno(), _simple_response(
-                        400, "This port speaks HTTPS; use an https:// URL.\n"))
-                except OSError:
+                    fd = conn.sock.fileno()
+                    os.write(fd, _simple_response(400, "This port speaks HTTPS; use an https:// URL.\n"))
+                    # ssl read only the first bytes; closing with the rest unread
+                    # would send a RST that can destroy the 400 before it is read.
+                    for _ in range(16):  # bounded: the poller must not be held
+                        if not os.read(fd, _RECV):
+                            break
+                except OSError:  # BlockingIOError ends the drain
                     pass
             return self._drop(sel, conn)
         conn.handshaking = False
