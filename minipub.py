@@ -354,8 +354,8 @@ class Server:
                 v6only = self._sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
             except (AttributeError, OSError):
                 v6only = True
-            return [url(bound) + (" (every IPv6 interface)" if v6only else " (every IPv4 and IPv6 interface)"),
-                    url("::1") + " (this machine)"]
+            which = "IPv6" if v6only else "IPv4 and IPv6"
+            return [url(bound) + " (every %s interface)" % which, url("::1") + " (this machine)"]
         return [url(self.host.strip("[]") or bound)]
 
     def _prepare(self):
