@@ -57,7 +57,7 @@ __all__ = [
     "expose", "request", "response", "Application", "Server", "quickstart",
     "HTTPError", "HTTPRedirect", "NotFound", "ProtocolError", "ConfigError",
     "RequestParser", "RequestHead", "LIMITS", "make_config", "load_config",
-    "main",
+    "main", "VirtualHost", "bind_socket", "make_ssl_context",
 ]
 
 # Heavy modules (ssl, json, inspect, logging, email, tempfile, urllib.parse,
@@ -342,11 +342,22 @@ class Server:
 
     @property
     def urls(self) -> list:
+        """The startup line(s): the URL served, plus loopback for a wildcard address."""
         scheme = "https" if self.ssl_context else "http"
-        host = self.host
-        if host in ("0.0.0.0", "::", ""):
-            return ["%s://%s:%d/ (all interfaces)" % (scheme, "[::]" if host == "::" else host, self.port)]
-        return ["%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, self.port)]
+        bound = self._sock.getsockname()[0] if self._sock else self.host
+
+        def url(host):
+            return "%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, self.port)
+        if bound == "0.0.0.0":
+            return [url(bound) + " (every IPv4 interface)", url("127.0.0.1") + " (this machine)"]
+        if bound == "::":
+            try:
+                v6only = self._sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            except (AttributeError, OSError):
+                v6only = True
+            which = "IPv6" if v6only else "IPv4 and IPv6"
+            return [url(bound) + " (every %s interface)" % which, url("::1") + " (this machine)"]
+        return [url(self.host.strip("[]") or bound)]
 
     def _prepare(self):
         if self._workers:
@@ -356,6 +367,7 @@ class Server:
         if self.ssl_context is not None:
             import ssl
             self._want += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+            _attach_sni(self.ssl_context, self.app, self.config)
         if self._sock is None:
             self._sock = bind_socket(self.host, self.port)
         self._sock.setblocking(False)
@@ -488,9 +500,14 @@ class Server:
         except (ssl.SSLError, OSError) as exc:
             if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
                 try:
-                    os.write(conn.sock.fileno(), _simple_response(
-                        400, "This port speaks HTTPS; use an https:// URL.\n"))
-                except OSError:
+                    fd = conn.sock.fileno()
+                    os.write(fd, _simple_response(400, "This port speaks HTTPS; use an https:// URL.\n"))
+                    # ssl read only the first bytes; closing with the rest unread
+                    # would send a RST that can destroy the 400 before it is read.
+                    for _ in range(16):  # bounded: the poller must not be held
+                        if not os.read(fd, _RECV):
+                            break
+                except OSError:  # BlockingIOError ends the drain
                     pass
             return self._drop(sel, conn)
         conn.handshaking = False
@@ -1642,24 +1659,104 @@ def _parse_cookies(header: str) -> dict:
 
 
 def _apply_forwarded(req, trusted):
-    """Believe Forwarded / X-Forwarded-* only from a trusted proxy (see VirtualHost)."""
-    if trusted and _is_trusted(req.remote_addr, trusted):
-        env = req.environ
-        forwarded_for = env.get("HTTP_X_FORWARDED_FOR")
-        if forwarded_for:
-            req.remote_addr = forwarded_for.split(",")[-1].strip(" \t")
-        proto = env.get("HTTP_X_FORWARDED_PROTO", "").lower()
-        if proto in ("http", "https"):
-            req.scheme = proto
+    """From a trusted proxy only, Forwarded (RFC 7239) or else X-Forwarded-For,
+    -Proto and -Host set remote_addr, scheme and host (so base and redirects
+    name the public URL).  From anyone else they are ignored."""
+    if not trusted:
+        return
+    networks = _trusted_networks(trusted)
+    if _is_trusted(req.remote_addr, networks):
+        addr, proto, host = _forwarded_hop(req.environ, networks)
+        req.remote_addr = addr or req.remote_addr
+        req.scheme = proto or req.scheme
+        req.host = host or req.host
 
 
-def _is_trusted(addr: str, trusted) -> bool:
+_network_cache = {}
+
+
+def _trusted_networks(entries) -> tuple:
+    """server.trusted_proxies parsed once per distinct value; ConfigError if bad."""
+    networks = _network_cache.get(entries)
+    if networks is None:
+        import ipaddress
+        try:
+            networks = tuple(ipaddress.ip_network(e.strip(), strict=False) for e in entries)
+        except ValueError as exc:
+            raise ConfigError("server.trusted_proxies: %s" % exc) from None
+        if len(_network_cache) < 64:
+            _network_cache[entries] = networks
+    return networks
+
+
+def _is_trusted(addr: str, networks) -> bool:
     import ipaddress
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
-        return False
-    return any(ip in ipaddress.ip_network(net, strict=False) for net in trusted)
+        return False  # 'unknown', an obfuscated node, or garbage
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack socket reports ::ffff:a.b.c.d
+    return any(ip in net for net in networks)
+
+
+# forwarded-pair = token "=" value ; value = token / quoted-string (RFC 7239 4)
+_FORWARDED_PAIR = re.compile(r'[ \t]*(?:([%s]+)=([%s]+|"(?:[^"\\]|\\.)*"))?[ \t]*([;,]|$)'
+                             % ((_TCHAR.decode("ascii"),) * 2))
+
+
+def _forwarded_elements(value: str) -> list:
+    """'for=a;proto=https, for=b' -> [{'for': 'a', 'proto': 'https'}, {'for': 'b'}]."""
+    elements, current, pos = [], {}, 0
+    while True:
+        match = _FORWARDED_PAIR.match(value, pos)
+        if match is None:
+            raise ValueError("malformed Forwarded header %r" % value)
+        name, text, sep = match.groups()
+        if name:
+            name = name.lower()
+            if name in current:
+                # RFC 7239 4: "Each parameter MUST NOT occur more than once per forwarded-element."
+                raise ValueError("repeated %r in Forwarded header %r" % (name, value))
+            current[name] = re.sub(r"\\(.)", r"\1", text[1:-1]) if text[0] == '"' else text
+        if sep != ";":
+            elements.append(current)
+            current = {}
+        if not sep:
+            return elements
+        pos = match.end()
+
+
+def _forwarded_hop(environ, networks) -> tuple:
+    """(client, proto, host) as told by the outermost trusted proxy; Nones if unknown.
+
+    The client is the rightmost address that is not itself a trusted proxy:
+    anything left of it the client may have written.  Malformed headers from
+    a trusted proxy are logged and ignored (the peer stays the client)."""
+    try:
+        if "HTTP_FORWARDED" in environ:
+            elements = _forwarded_elements(environ["HTTP_FORWARDED"])
+            addrs = [_node_ip(e.get("for", "")) for e in elements]
+        else:
+            addrs = [a.strip(" \t") for a in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+            last = {k: environ.get("HTTP_X_FORWARDED_" + k.upper(), "").rpartition(",")[2].strip(" \t")
+                    for k in ("proto", "host")}
+        i = len(addrs) - 1
+        while i > 0 and _is_trusted(addrs[i], networks):
+            i -= 1
+        found = elements[i] if "HTTP_FORWARDED" in environ else last
+        addr, proto, host = addrs[i], found.get("proto") or None, found.get("host") or None
+        proto = proto and proto.lower()
+        if proto not in (None, "http", "https") or (host is not None and not _HOST.fullmatch(host)):
+            raise ValueError("forwarded proto %r or host %r is invalid" % (proto, host))
+        return addr or None, proto, host or None
+    except ValueError as exc:
+        _logger().warning("ignored proxy headers from %s: %s", environ.get("REMOTE_ADDR"), exc)
+        return None, None, None
+
+
+def _node_ip(node: str) -> str:
+    """RFC 7239 6: node = nodename [ ":" node-port ]; an IPv6 nodename is bracketed."""
+    return node[1:node.find("]")] if node.startswith("[") else node.partition(":")[0]
 
 
 class Response:
@@ -1711,6 +1808,7 @@ class Application:
         self.root = root
         self.config = make_config(config)
         self.script_name = script_name.rstrip("/")
+        _trusted_networks(self.config["server.trusted_proxies"])  # a bad entry fails here, not per request
 
     def __call__(self, environ, start_response):
         if self.script_name:
@@ -1995,6 +2093,88 @@ def _body_of(result, resp):
 
 
 # -- virtual hosts --------------------------------------------------------------
+
+class VirtualHost:
+    """A root that picks another root by the request's host.
+
+    ``domains`` maps ``"name"`` or ``"name:port"`` to a root object, or to
+    ``(root, certfile[, keyfile[, chainfile]])`` to also serve that name its
+    own certificate, chosen by SNI (the server's own certificate stays the
+    default).  Names match case-insensitively, without a trailing dot; a Host
+    without a port means the scheme's default port; a key without a port
+    matches any port.  An unknown host goes to ``default``, else 400.  Each
+    tree is reachable only through its host: there is no path prefix.
+    X-Forwarded-Host (or Forwarded host=) is used only with
+    ``use_x_forwarded_host=True`` and from a peer in ``trusted_proxies``
+    (default: server.trusted_proxies): trusting it from anyone would let any
+    client pick any tree.
+    """
+
+    def __init__(self, default=None, domains: dict = None, use_x_forwarded_host: bool = False,
+                 trusted_proxies=None):
+        self.default, self.use_x_forwarded_host = default, use_x_forwarded_host
+        self.trusted_proxies = None if trusted_proxies is None else tuple(trusted_proxies)
+        if self.trusted_proxies is not None:
+            _trusted_networks(self.trusted_proxies)  # fail now on a bad entry
+        self.domains, self.certificates = {}, {}
+        for key, root in (domains or {}).items():
+            name, port = _split_host(key)
+            if isinstance(root, tuple):
+                root, files = root[0], root[1:]
+                if not 1 <= len(files) <= 3:
+                    raise ValueError("domain %r: want (root, certfile[, keyfile[, chainfile]])" % key)
+                self.certificates[name] = files
+            self.domains[(name, port)] = root
+
+    def _minipub_resolve(self, req):
+        env = req.environ
+        host, scheme = env.get("HTTP_HOST", ""), env.get("wsgi.url_scheme", "http")
+        if self.use_x_forwarded_host:
+            trusted = self.trusted_proxies
+            networks = _trusted_networks(req.app.config["server.trusted_proxies"] if trusted is None
+                                         else trusted)
+            if _is_trusted(env.get("REMOTE_ADDR", ""), networks):
+                _, proto, forwarded = _forwarded_hop(env, networks)
+                host, scheme = forwarded or host, proto or scheme
+        try:
+            name, port = _split_host(host) if host else (None, None)
+        except ValueError:
+            raise HTTPError(400, "Invalid host.") from None
+        port = port or (443 if scheme == "https" else 80)
+        root = self.domains.get((name, port), self.domains.get((name, None), self.default))
+        if root is None:
+            raise HTTPError(400, "No site is served for host %r here." % host)
+        return root
+
+
+def _split_host(host: str) -> tuple:
+    """'WWW.Example.COM.:8080' -> ('www.example.com', 8080); the port is None if absent."""
+    match = _HOST.fullmatch(host)
+    if match is None or not match.group(1):
+        raise ValueError("invalid host %r" % (host,))
+    port = match.group(2)
+    return match.group(1).lower().rstrip("."), int(port[1:]) if port and len(port) > 1 else None
+
+
+def _attach_sni(context, app, config: dict) -> None:
+    """If the application's VirtualHost carries certificates, choose them by SNI."""
+    root = getattr(app, "root", None)
+    if not isinstance(root, VirtualHost) or not root.certificates:
+        return
+    contexts = {}
+    for name, files in root.certificates.items():
+        cert, key, chain = files + ("",) * (3 - len(files))
+        contexts[name] = make_ssl_context(dict(config, **{
+            "server.ssl_certificate": cert, "server.ssl_private_key": key or "",
+            "server.ssl_certificate_chain": chain or ""}))
+
+    def choose(sslobj, server_name, default):
+        # Runs in the poller during the non-blocking handshake: a dict lookup only.
+        chosen = contexts.get((server_name or "").lower().rstrip("."))
+        if chosen is not None:
+            sslobj.context = chosen
+    context.sni_callback = choose
+
 
 
 # ===========================================================================
