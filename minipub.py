@@ -2347,6 +2347,15 @@ def _cli_config(args) -> dict:
     return values
 
 
+def _check_certificates(config):
+    """Load the TLS files once up front, so a bad path is one line, not a traceback."""
+    if config["server.ssl_certificate"] or config["server.ssl_private_key"]:
+        try:
+            make_ssl_context(config)
+        except OSError as exc:  # ssl.SSLError is an OSError too
+            raise ConfigError("cannot load the TLS certificate or key: %s" % (exc.strerror or exc)) from None
+
+
 def main(argv=None) -> int:
     """The command line; returns the exit status."""
     args = _arg_parser().parse_args(argv)
@@ -2354,6 +2363,7 @@ def main(argv=None) -> int:
         config = _cli_config(args)
         configure_logging(config)
         app = load_target(args.target, config)
+        _check_certificates(config)
         sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
     except (ConfigError, _TargetError) as exc:
         print("minipub: error: %s" % exc, file=sys.stderr)

@@ -1300,6 +1300,12 @@ def test_cli_config_errors(tmp_path):
     assert result.returncode == 2 and "server.thread_pool" in result.stderr
 
 
+def test_cli_missing_certificate_is_one_line(tmp_path):
+    (tmp_path / "app.py").write_text("class Root: pass\n")
+    result = run_cli(["app:Root", "--port", "0", "--certfile", "missing.pem"], str(tmp_path))
+    assert result.returncode == 2 and "TLS certificate" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cli_port_in_use(tmp_path):
     (tmp_path / "app.py").write_text("class Root: pass\n")
     with socket.socket() as busy:
