@@ -2117,8 +2117,8 @@ def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-2
     also as -sess), most preferred first; Python's urllib reads only the first and
     knows only MD5.  ``userhash`` needs ``users``.  ``clock`` is for tests.
     """
-    return lambda target: _add_hook(target, _Digest(realm, users, get_ha1, algorithms,
-                                                    nonce_lifetime, userhash, clock))
+    hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
+    return lambda target: _add_hook(target, hook)
 
 
 class _Digest:
