@@ -2002,25 +2002,24 @@ def _add_hook(target, hook):
 
 
 # -- authentication (RFC 7617 Basic, RFC 7616 Digest) -----------------------
-# auth_basic / auth_digest attach a hook that reads the Authorization field
-# (RFC 7235 2.1 syntax), answers malformed credentials with 400 and missing or
-# wrong ones with 401 plus one WWW-Authenticate field per challenge, and on
-# success sets request.login.  They return the decorated object itself, so
-# @expose and signature binding see the original function.
+# auth_basic / auth_digest attach a hook that answers malformed credentials
+# with 400, missing or wrong ones with 401 and one WWW-Authenticate field per
+# challenge, and sets request.login on success.  They return the decorated
+# object itself, so @expose and signature binding see the original function.
 
 # auth-param = token BWS "=" BWS ( token / quoted-string ), in a #list whose
 # empty elements are skipped (RFC 9110 5.6.1); the scan is linear in length.
 _AUTH_PARAM = re.compile(r'[ \t,]*([%s]+)[ \t]*=[ \t]*(?:([%s]+)|"((?:[^"\\]|\\.)*)")[ \t]*(?:,|$)'
                          % ((_TCHAR.decode("ascii"),) * 2))
 _DIGESTS = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
-_NONCE_TABLE = 10000  # nonces whose nc values are remembered, per realm (about 3 MB at most)
+_NONCE_TABLE = 10000  # nonces whose nc values are remembered, per realm: about 3 MB at most
 _NC_WINDOW = 64       # nc values accepted out of order below the highest seen for a nonce
 
 
-def _passed(req, hook) -> bool:
-    """True if ``hook`` already admitted this request (a handler is also a walked node)."""
+def _first_run(req, hook) -> bool:
+    """False if ``hook`` already ran for this request (a handler is also a walked node)."""
     done = req.__dict__.setdefault("_minipub_auth", set())
-    return hook in done or done.add(hook)
+    return not (hook in done or done.add(hook))
 
 
 def _credentials(req, scheme: str):
@@ -2029,33 +2028,27 @@ def _credentials(req, scheme: str):
     return rest.strip(" \t") if name.lower() == scheme else None
 
 
-def _wire_text(value: str) -> str:
-    """A header value as WSGI gives it (latin-1) read as the UTF-8 we asked for."""
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        raise HTTPError(400, "Credentials are not valid UTF-8.") from None
-
-
 def _quoted(text: str) -> str:
-    """A quoted-string for a challenge, as latin-1 wire text (UTF-8 bytes)."""
-    text = text.replace("\\", "\\\\").replace('"', '\\"')
-    return '"%s"' % text.encode("utf-8").decode("latin-1")
+    """A quoted-string for a challenge, as WSGI latin-1 text of its UTF-8 bytes."""
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8").decode("latin-1")
 
 
 def _auth_params(text: str) -> dict:
-    """Parse a #auth-param list; 400 on bad syntax, duplicates or more than 32 params."""
+    """A #auth-param list as UTF-8 text; 400 on bad syntax, duplicates or over 32 params."""
     params, pos, text = {}, 0, text.rstrip(" \t,")
     while pos < len(text):
         match = _AUTH_PARAM.match(text, pos)
         if match is None or len(params) >= 32:
             raise HTTPError(400, "Malformed Authorization header.")
         name, token, quoted = match.groups()
-        name = name.lower()
-        if name in params:
+        if name.lower() in params:
             # RFC 7235 2.1: "Each parameter name MUST only occur once per challenge."
             raise HTTPError(400, "Duplicate %r in the Authorization header." % name)
-        params[name] = _wire_text(token if token is not None else re.sub(r"\\(.)", r"\1", quoted))
+        try:
+            value = token if token is not None else re.sub(r"\\(.)", r"\1", quoted)
+            params[name.lower()] = value.encode("latin-1").decode("utf-8")  # we sent charset=UTF-8
+        except UnicodeError:
+            raise HTTPError(400, "Credentials are not valid UTF-8.") from None
         pos = match.end()
     return params
 
@@ -2067,40 +2060,34 @@ def _refuse(challenges: list, message: str = "Authentication required.") -> HTTP
 
 
 def auth_basic(realm: str, users: dict = None, checkpassword=None):
-    """Decorator: HTTP Basic (RFC 7617) on a class (its whole subtree) or a handler.
-
-    Give ``users={name: password}`` or ``checkpassword(realm, user, password) -> bool``.
-    Basic sends the password in the clear: serve it over HTTPS.
-    """
+    """Decorator: HTTP Basic (RFC 7617) on a class (its whole subtree) or a handler; give
+    ``users={name: password}`` or ``checkpassword(realm, user, password) -> bool``."""
     import hmac
     if (users is None) == (checkpassword is None):
         raise TypeError("auth_basic needs exactly one of users= or checkpassword=")
     if users is not None:
         def checkpassword(realm, user, password):
             stored = users.get(user)
-            same = hmac.compare_digest(("" if stored is None else stored).encode("utf-8"),
-                                       password.encode("utf-8"))
+            same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
             return same and stored is not None
     challenge = [("WWW-Authenticate", 'Basic realm=%s, charset="UTF-8"' % _quoted(realm))]
 
     def hook(req):
-        if _passed(req, hook):
-            return
-        token = _credentials(req, "basic")
-        if not token:
-            if token is None:
-                raise _refuse(challenge)
-            raise HTTPError(400, "Basic credentials are missing.")
         import base64
         import binascii
-        try:
+        token = _credentials(req, "basic")
+        if not _first_run(req, hook):
+            return
+        if token is None:
+            raise _refuse(challenge)
+        try:  # an empty token decodes to "", which has no colon: 400
             text = base64.b64decode(token.encode("latin-1"), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeError):
             raise HTTPError(400, "Basic credentials are not base64 of UTF-8 text.") from None
         user, colon, password = text.partition(":")
         # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
         if not colon or re.search(r"[\x00-\x1f\x7f]", text):
-            raise HTTPError(400, "Basic credentials must be user-id:password without control characters.")
+            raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
         if not checkpassword(realm, user, password):
             raise _refuse(challenge, "Wrong user name or password.")
         req.login = user
@@ -2112,10 +2099,9 @@ def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-2
     """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler.
 
     Give ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None``
-    returning H(user ":" realm ":" password), so no password is stored.  One
-    challenge is sent per entry of ``algorithms`` (MD5, SHA-256, SHA-512-256, each
-    also as -sess), most preferred first; Python's urllib reads only the first and
-    knows only MD5.  ``userhash`` needs ``users``.  ``clock`` is for tests.
+    (H(user:realm:password): no password stored).  One challenge per ``algorithms``
+    entry (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib
+    reads only the first and knows only MD5.  ``userhash`` needs ``users``.
     """
     hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
     return lambda target: _add_hook(target, hook)
@@ -2125,25 +2111,23 @@ class _Digest:
     """One protection space: challenges, stateless nonces, the (nonce, nc) replay table."""
 
     def __init__(self, realm, users, get_ha1, algorithms, lifetime, userhash, clock):
-        import hashlib
         from collections import OrderedDict
         if (users is None) == (get_ha1 is None) or (userhash and users is None):
-            raise TypeError("auth_digest needs exactly one of users= or get_ha1= (userhash needs users=)")
-        self.algorithms = [a.upper() for a in algorithms]
-        for name in self.algorithms:
-            if name.replace("-SESS", "") not in _DIGESTS:
-                raise ValueError("unknown digest algorithm %r" % name)
-            hashlib.new(_DIGESTS[name.replace("-SESS", "")])  # ValueError where OpenSSL lacks it
-        if not self.algorithms:
-            raise ValueError("auth_digest needs at least one algorithm")
+            raise TypeError("auth_digest needs one of users= or get_ha1= (userhash needs users=)")
+        self.algorithms = {a.upper(): a.upper().replace("-SESS", "-sess") for a in algorithms}
+        for name in self.algorithms or [""]:
+            self.h(name, "")  # ValueError for an unknown one, or one this OpenSSL lacks
         self.realm, self.users, self.get_ha1, self.userhash = realm, users, get_ha1, userhash
         self.lifetime, self.clock = float(lifetime), clock
         self.secret, self.opaque = os.urandom(32), os.urandom(16).hex()
         self.seen, self.floor, self.lock = OrderedDict(), -1.0, threading.Lock()
 
-    def h(self, algorithm: str, text: str) -> str:
+    @staticmethod
+    def h(algorithm: str, text: str) -> str:
         import hashlib
-        name = _DIGESTS[algorithm.upper().replace("-SESS", "")]
+        name = _DIGESTS.get(algorithm.upper().replace("-SESS", ""))
+        if name is None:
+            raise ValueError("unknown digest algorithm %r" % algorithm)
         return hashlib.new(name, text.encode("utf-8")).hexdigest()
 
     def mac(self, head: bytes) -> bytes:
@@ -2151,32 +2135,25 @@ class _Digest:
         return hmac.new(self.secret, head, "sha256").digest()[:16]
 
     def challenges(self, stale: bool = False) -> list:
-        # nonce = issue time (microseconds) + 8 random bytes + HMAC of both: it
-        # verifies without server state, and two clients never share one.
+        # nonce = issue time (microseconds) + 8 random bytes + an HMAC of both: it
+        # verifies without server state, and no two clients ever share one.
         head = int(self.clock() * 1e6).to_bytes(8, "big") + os.urandom(8)
-        nonce = (head + self.mac(head)).hex()
+        extra = (", userhash=true" if self.userhash else "") + (", stale=true" if stale else "")
         return [("WWW-Authenticate", 'Digest realm=%s, qop="auth, auth-int", algorithm=%s, nonce="%s", '
-                 'opaque="%s", charset=UTF-8%s%s' % (_quoted(self.realm), name, nonce, self.opaque,
-                                                    ", userhash=true" if self.userhash else "",
-                                                    ", stale=true" if stale else ""))
-                for name in self.algorithms]
+                 'opaque="%s", charset=UTF-8%s' % (_quoted(self.realm), name, (head + self.mac(head)).hex(),
+                                                  self.opaque, extra)) for name in self.algorithms.values()]
 
     def issued(self, nonce: str):
         """The issue time of one of our nonces, or None if it is not one."""
         import hmac
-        try:
-            raw = bytes.fromhex(nonce)
-        except ValueError:
-            return None
-        if len(raw) != 32 or raw.hex() != nonce or not hmac.compare_digest(raw[16:], self.mac(raw[:16])):
-            return None
-        return int.from_bytes(raw[:8], "big") / 1e6
+        raw = bytes.fromhex(nonce) if re.fullmatch(r"[0-9a-f]{64}", nonce) else b"\0" * 32
+        return int.from_bytes(raw[:8], "big") / 1e6 if hmac.compare_digest(raw[16:], self.mac(raw[:16])) else None
 
     def __call__(self, req):
         import hmac
-        if _passed(req, self):
-            return
         text = _credentials(req, "digest")
+        if not _first_run(req, self):
+            return  # already admitted: running twice would look like a replay
         if text is None:
             raise _refuse(self.challenges())
         p = _auth_params(text)
@@ -2190,13 +2167,12 @@ class _Digest:
             # designated by the "uri" parameter is the same as the resource specified
             # in the Request-Line; if they are not, the server SHOULD return a 400".
             raise HTTPError(400, "Digest uri does not match the request target.")
-        algorithm = p.get("algorithm", "MD5").upper()
-        issued = self.issued(p["nonce"])
+        algorithm, issued = p.get("algorithm", "MD5").upper(), self.issued(p["nonce"])
         if (p["realm"] != self.realm or algorithm not in self.algorithms or issued is None
                 or not hmac.compare_digest(p.get("opaque", self.opaque).encode(), self.opaque.encode())):
             raise _refuse(self.challenges())
         user = self.username(p, algorithm)
-        ha1 = self.ha1(user, algorithm) if user is not None else None
+        ha1 = self.ha1(user, algorithm.replace("-SESS", "")) if user is not None else None
         if ha1 is not None and algorithm.endswith("-SESS"):
             ha1 = self.h(algorithm, "%s:%s:%s" % (ha1, p["nonce"], p["cnonce"]))
         a2 = "%s:%s" % (req.method, p["uri"])
@@ -2207,27 +2183,27 @@ class _Digest:
         if not hmac.compare_digest(expected.encode(), p["response"].lower().encode()) or ha1 is None:
             raise _refuse(self.challenges(), "Wrong user name or password.")
         if not self.fresh(p["nonce"], issued, int(p["nc"], 16)):
-            # RFC 7616 3.3: stale "indicates that the previous request from the client
-            # was rejected because the nonce value was stale": retry without asking the user.
+            # RFC 7616 3.3: stale "indicates that the previous request from the client was
+            # rejected because the nonce value was stale": the client retries, not the user.
             raise _refuse(self.challenges(stale=True), "The nonce is used up or expired.")
         req.login = user
 
     def username(self, p: dict, algorithm: str):
-        """The user named by username, username* (RFC 8187) or a userhash."""
+        """The user named by username, username* (RFC 8187 ext-value) or a userhash."""
+        import hmac
+        from urllib.parse import unquote_to_bytes
         if "username*" in p:
-            match = re.fullmatch(r"([^']*)'[^']*'(.*)", p["username*"])
-            if match is None or match.group(1).lower() != "utf-8" or p.get("userhash") == "true":
-                raise HTTPError(400, "username* must be UTF-8''percent-encoded, without userhash.")
-            from urllib.parse import unquote_to_bytes
+            match = re.fullmatch(r"(?i:utf-8)'[^']*'(.*)", p["username*"])
             try:
-                return unquote_to_bytes(match.group(2)).decode("utf-8")
-            except UnicodeError:
-                raise HTTPError(400, "username* is not UTF-8.") from None
+                if match is None or p.get("userhash", "false").lower() != "false":
+                    raise ValueError("username* must be UTF-8''percent-encoded, without userhash")
+                return unquote_to_bytes(match.group(1)).decode("utf-8")
+            except ValueError as exc:  # UnicodeDecodeError included
+                raise HTTPError(400, "Invalid username*: %s." % exc) from None
         if p.get("userhash", "false").lower() != "true":
             return p["username"]
         if not self.userhash:
             raise HTTPError(400, "userhash was not offered.")
-        import hmac
         found = None
         for name in self.users:  # every name is hashed and compared: no early exit
             if hmac.compare_digest(self.h(algorithm, "%s:%s" % (name, self.realm)).encode(),
@@ -2236,49 +2212,48 @@ class _Digest:
         return found
 
     def ha1(self, user: str, algorithm: str):
-        base = algorithm.replace("-SESS", "")
         if self.users is None:
-            return self.get_ha1(self.realm, user, base)
+            return self.get_ha1(self.realm, user, algorithm)
         password = self.users.get(user)
-        return None if password is None else self.h(base, "%s:%s:%s" % (user, self.realm, password))
+        return None if password is None else self.h(algorithm, "%s:%s:%s" % (user, self.realm, password))
 
     def body_hash(self, req, algorithm: str) -> str:
-        """H(entity-body) for qop=auth-int; the body stays readable for the handler."""
+        """H(entity-body) for qop=auth-int; the body is spooled so the handler still reads it."""
         import hashlib
         import tempfile
         digest = hashlib.new(_DIGESTS[algorithm.replace("-SESS", "")])
-        spool = tempfile.SpooledTemporaryFile(req.app.config["request.upload_spool_size"])
+        body = tempfile.SpooledTemporaryFile(req.app.config["request.upload_spool_size"])
         for block in iter(lambda: req.body.read(64 * KiB), b""):
             digest.update(block)
-            spool.write(block)
-        spool.seek(0)
-        req.body = req.environ["wsgi.input"] = spool
+            body.write(block)
+        body.seek(0)
+        req.body = req.environ["wsgi.input"] = body
         return digest.hexdigest()
 
     def fresh(self, nonce: str, issued: float, nc: int) -> bool:
-        """Accept (nonce, nc) once, while the nonce is young; memory stays bounded."""
+        """Accept each (nonce, nc) once while the nonce is young, in bounded memory."""
         now = self.clock()
         if now - issued > self.lifetime:
             return False
         with self.lock:
             seen = self.seen
             while seen and now - next(iter(seen.values()))[0] > self.lifetime:
-                seen.popitem(last=False)  # expired nonces are refused before this table
+                seen.popitem(last=False)  # expired: refused above before this table is asked
             entry = seen.get(nonce)
             if entry is None:
                 if issued <= self.floor:
                     return False  # forgotten to make room, so it may have been used
                 while len(seen) >= _NONCE_TABLE:
                     self.floor = max(self.floor, seen.popitem(last=False)[1][0])
-                entry = seen[nonce] = [issued, 0, 1]  # issue time, highest nc, bitmask (nc 0 is invalid)
+                entry = seen[nonce] = [issued, 0, 1]  # issue time, highest nc, bits (nc 0 invalid)
             top, mask = entry[1], entry[2]
             if nc > top:  # slide the window: bit i stands for nc = top - i
                 shift = nc - top
                 entry[1:] = nc, 1 if shift >= _NC_WINDOW else ((mask << shift) | 1) & ((1 << _NC_WINDOW) - 1)
-                return True
-            if top - nc >= _NC_WINDOW or mask >> (top - nc) & 1:
+            elif top - nc >= _NC_WINDOW or mask >> (top - nc) & 1:
                 return False
-            entry[2] = mask | 1 << (top - nc)
+            else:
+                entry[2] = mask | 1 << (top - nc)
             return True
 
 
@@ -2289,10 +2264,8 @@ def _same_target(environ: dict, uri: str) -> bool:
         query = environ.get("QUERY_STRING", "")
         target = _quote_path(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
         target += "?" + query if query else ""
-    if uri == target:
-        return True
     absolute = _ABSOLUTE.fullmatch(target)
-    return absolute is not None and uri == (absolute.group(3) or "/")
+    return uri == target or (absolute is not None and uri == (absolute.group(3) or "/"))
 
 
 # -- static files -------------------------------------------------------------
