@@ -515,6 +515,7 @@ def test_auth_curl_basic_and_digest(serve):
     # Digest: curl answers the first (SHA-256) challenge, with the UTF-8 bytes of the password.
     code, body, log = curl("-v", "--digest", "-u", "bob:pässword", base + "/reports?x=1")
     assert (code, body) == (200, b"hello bob x=1") and "algorithm=SHA-256" in log
+    assert log.count("< WWW-Authenticate: Digest") == 2  # one field per challenge on the wire
     assert curl("--digest", "-u", "bob:password", base + "/reports")[0] == 401
     code, body, log = curl("-v", "--digest", "-u", "bob:pw", base + "/md5")
     assert (code, body) == (200, b"md5 bob") and "algorithm=MD5" in log
