@@ -57,7 +57,7 @@ __all__ = [
     "expose", "request", "response", "Application", "Server", "quickstart",
     "HTTPError", "HTTPRedirect", "NotFound", "ProtocolError", "ConfigError",
     "RequestParser", "RequestHead", "LIMITS", "make_config", "load_config",
-    "main", "VirtualHost", "bind_socket", "make_ssl_context",
+    "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
 ]
 
 # Heavy modules (ssl, json, inspect, logging, email, tempfile, urllib.parse,
@@ -1766,6 +1766,7 @@ class Response:
         self.status = 200
         self._headers = HeaderDict()
         self.cookies = []
+        self.extra_fields = []  # repeatable fields a HeaderDict cannot hold
 
     @property
     def headers(self) -> HeaderDict:
@@ -1832,7 +1833,7 @@ class Application:
             body = self.error(resp, 500, None, None, detail)
         if req.login is not None:
             environ["REMOTE_USER"] = req.login
-        fields = resp.headers.fields() + [("Set-Cookie", c) for c in resp.cookies]
+        fields = resp.headers.fields() + resp.extra_fields + [("Set-Cookie", c) for c in resp.cookies]
         status = resp.status if isinstance(resp.status, str) else status_line(int(resp.status))
         start_response(status, fields)
         return body
@@ -1869,8 +1870,13 @@ class Application:
 
     def error(self, resp, status, message, headers=None, detail=None):
         resp.status = status
-        resp.headers = HeaderDict(_ERROR_HEADERS + list(headers or ()))
+        resp.headers = HeaderDict(_ERROR_HEADERS)
         resp.cookies = []
+        for name, value in headers or ():
+            if name in resp.headers:  # a repeated field, e.g. one WWW-Authenticate per challenge
+                resp.extra_fields.append((name, str(HeaderDict([(name, value)])[name])))
+            else:
+                resp.headers[name] = value
         return [error_page(status, message, detail)]
 
 
@@ -2191,6 +2197,270 @@ def _add_hook(target, hook):
 
 
 # -- authentication (RFC 7617 Basic, RFC 7616 Digest) -----------------------
+# auth_basic / auth_digest attach a hook that answers malformed credentials
+# with 400, missing or wrong ones with 401 and one WWW-Authenticate field per
+# challenge, and sets request.login on success.  They return the decorated
+# object itself, so @expose and signature binding see the original function.
+
+# auth-param = token BWS "=" BWS ( token / quoted-string ), in a #list whose
+# empty elements are skipped (RFC 9110 5.6.1); the scan is linear in length.
+_AUTH_PARAM = re.compile(r'[ \t,]*([%s]+)[ \t]*=[ \t]*(?:([%s]+)|"((?:[^"\\]|\\.)*)")[ \t]*(?:,|$)'
+                         % ((_TCHAR.decode("ascii"),) * 2))
+_DIGESTS = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
+_NONCE_TABLE = 10000  # nonces whose nc values are remembered, per realm: about 3 MB at most
+_NC_WINDOW = 64       # nc values accepted out of order below the highest seen for a nonce
+
+
+def _first_run(req, hook) -> bool:
+    """False if ``hook`` already ran for this request (a handler is also a walked node)."""
+    done = req.__dict__.setdefault("_minipub_auth", set())
+    return not (hook in done or done.add(hook))
+
+
+def _credentials(req, scheme: str):
+    """The text after ``scheme`` in Authorization, or None if absent or another scheme."""
+    name, _, rest = req.environ.get("HTTP_AUTHORIZATION", "").strip(" \t").partition(" ")
+    return rest.strip(" \t") if name.lower() == scheme else None
+
+
+def _quoted(text: str) -> str:
+    """A quoted-string for a challenge, as WSGI latin-1 text of its UTF-8 bytes."""
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8").decode("latin-1")
+
+
+def _auth_params(text: str) -> dict:
+    """A #auth-param list as UTF-8 text; 400 on bad syntax, duplicates or over 32 params."""
+    params, pos, text = {}, 0, text.rstrip(" \t,")
+    while pos < len(text):
+        match = _AUTH_PARAM.match(text, pos)
+        if match is None or len(params) >= 32:
+            raise HTTPError(400, "Malformed Authorization header.")
+        name, token, quoted = match.groups()
+        if name.lower() in params:
+            # RFC 7235 2.1: "Each parameter name MUST only occur once per challenge."
+            raise HTTPError(400, "Duplicate %r in the Authorization header." % name)
+        try:
+            value = token if token is not None else re.sub(r"\\(.)", r"\1", quoted)
+            params[name.lower()] = value.encode("latin-1").decode("utf-8")  # we sent charset=UTF-8
+        except UnicodeError:
+            raise HTTPError(400, "Credentials are not valid UTF-8.") from None
+        pos = match.end()
+    return params
+
+
+def _refuse(challenges: list, message: str = "Authentication required.") -> HTTPError:
+    err = HTTPError(401, message)
+    err.headers = challenges
+    return err
+
+
+def auth_basic(realm: str, users: dict = None, checkpassword=None):
+    """Decorator: HTTP Basic (RFC 7617) on a class (its whole subtree) or a handler; give
+    ``users={name: password}`` or ``checkpassword(realm, user, password) -> bool``."""
+    import hmac
+    if (users is None) == (checkpassword is None):
+        raise TypeError("auth_basic needs exactly one of users= or checkpassword=")
+    if users is not None:
+        def checkpassword(realm, user, password):
+            stored = users.get(user)
+            same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
+            return same and stored is not None
+    challenge = [("WWW-Authenticate", 'Basic realm=%s, charset="UTF-8"' % _quoted(realm))]
+
+    def hook(req):
+        import base64
+        import binascii
+        token = _credentials(req, "basic")
+        if not _first_run(req, hook):
+            return
+        if token is None:
+            raise _refuse(challenge)
+        try:  # an empty token decodes to "", which has no colon: 400
+            text = base64.b64decode(token.encode("latin-1"), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeError):
+            raise HTTPError(400, "Basic credentials are not base64 of UTF-8 text.") from None
+        user, colon, password = text.partition(":")
+        # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
+        if not colon or re.search(r"[\x00-\x1f\x7f]", text):
+            raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
+        if not checkpassword(realm, user, password):
+            raise _refuse(challenge, "Wrong user name or password.")
+        req.login = user
+    return lambda target: _add_hook(target, hook)
+
+
+def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-256", "MD5"),
+                nonce_lifetime: float = 300.0, userhash: bool = False, clock=time.monotonic):
+    """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler.
+
+    Give ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None``
+    (H(user:realm:password): no password stored).  One challenge per ``algorithms``
+    entry (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib
+    reads only the first and knows only MD5.  ``userhash`` needs ``users``.
+    """
+    hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
+    return lambda target: _add_hook(target, hook)
+
+
+class _Digest:
+    """One protection space: challenges, stateless nonces, the (nonce, nc) replay table."""
+
+    def __init__(self, realm, users, get_ha1, algorithms, lifetime, userhash, clock):
+        from collections import OrderedDict
+        if (users is None) == (get_ha1 is None) or (userhash and users is None):
+            raise TypeError("auth_digest needs one of users= or get_ha1= (userhash needs users=)")
+        self.algorithms = {a.upper(): a.upper().replace("-SESS", "-sess") for a in algorithms}
+        for name in self.algorithms or [""]:
+            self.h(name, "")  # ValueError for an unknown one, or one this OpenSSL lacks
+        self.realm, self.users, self.get_ha1, self.userhash = realm, users, get_ha1, userhash
+        self.lifetime, self.clock = float(lifetime), clock
+        self.secret, self.opaque = os.urandom(32), os.urandom(16).hex()
+        self.seen, self.floor, self.lock = OrderedDict(), -1.0, threading.Lock()
+
+    @staticmethod
+    def h(algorithm: str, text: str) -> str:
+        import hashlib
+        name = _DIGESTS.get(algorithm.upper().replace("-SESS", ""))
+        if name is None:
+            raise ValueError("unknown digest algorithm %r" % algorithm)
+        return hashlib.new(name, text.encode("utf-8")).hexdigest()
+
+    def mac(self, head: bytes) -> bytes:
+        import hmac
+        return hmac.new(self.secret, head, "sha256").digest()[:16]
+
+    def challenges(self, stale: bool = False) -> list:
+        # nonce = issue time (microseconds) + 8 random bytes + an HMAC of both: it
+        # verifies without server state, and no two clients ever share one.
+        head = int(self.clock() * 1e6).to_bytes(8, "big") + os.urandom(8)
+        extra = (", userhash=true" if self.userhash else "") + (", stale=true" if stale else "")
+        return [("WWW-Authenticate", 'Digest realm=%s, qop="auth, auth-int", algorithm=%s, nonce="%s", '
+                 'opaque="%s", charset=UTF-8%s' % (_quoted(self.realm), name, (head + self.mac(head)).hex(),
+                                                  self.opaque, extra)) for name in self.algorithms.values()]
+
+    def issued(self, nonce: str):
+        """The issue time of one of our nonces, or None if it is not one."""
+        import hmac
+        raw = bytes.fromhex(nonce) if re.fullmatch(r"[0-9a-f]{64}", nonce) else b"\0" * 32
+        return int.from_bytes(raw[:8], "big") / 1e6 if hmac.compare_digest(raw[16:], self.mac(raw[:16])) else None
+
+    def __call__(self, req):
+        import hmac
+        text = _credentials(req, "digest")
+        if not _first_run(req, self):
+            return  # already admitted: running twice would look like a replay
+        if text is None:
+            raise _refuse(self.challenges())
+        p = _auth_params(text)
+        missing = [k for k in ("realm", "nonce", "uri", "response", "qop", "nc", "cnonce") if k not in p]
+        if missing or ("username" in p) == ("username*" in p):
+            raise HTTPError(400, "Digest credentials lack %s." % (", ".join(missing) or "one username"))
+        if p["qop"] not in ("auth", "auth-int") or not re.fullmatch(r"[0-9a-fA-F]{8}", p["nc"]):
+            raise HTTPError(400, "Digest qop must be auth or auth-int, nc 8 hex digits.")
+        if not _same_target(req.environ, p["uri"]):
+            # RFC 7616 3.4.6: "The authenticating server MUST assure that the resource
+            # designated by the "uri" parameter is the same as the resource specified
+            # in the Request-Line; if they are not, the server SHOULD return a 400".
+            raise HTTPError(400, "Digest uri does not match the request target.")
+        algorithm, issued = p.get("algorithm", "MD5").upper(), self.issued(p["nonce"])
+        if (p["realm"] != self.realm or algorithm not in self.algorithms or issued is None
+                or not hmac.compare_digest(p.get("opaque", self.opaque).encode(), self.opaque.encode())):
+            raise _refuse(self.challenges())
+        user = self.username(p, algorithm)
+        ha1 = self.ha1(user, algorithm.replace("-SESS", "")) if user is not None else None
+        if ha1 is not None and algorithm.endswith("-SESS"):
+            ha1 = self.h(algorithm, "%s:%s:%s" % (ha1, p["nonce"], p["cnonce"]))
+        a2 = "%s:%s" % (req.method, p["uri"])
+        if p["qop"] == "auth-int":
+            a2 += ":" + self.body_hash(req, algorithm)
+        expected = self.h(algorithm, "%s:%s:%s:%s:%s:%s" % (
+            ha1 or os.urandom(16).hex(), p["nonce"], p["nc"], p["cnonce"], p["qop"], self.h(algorithm, a2)))
+        if not hmac.compare_digest(expected.encode(), p["response"].lower().encode()) or ha1 is None:
+            raise _refuse(self.challenges(), "Wrong user name or password.")
+        if not self.fresh(p["nonce"], issued, int(p["nc"], 16)):
+            # RFC 7616 3.3: stale "indicates that the previous request from the client was
+            # rejected because the nonce value was stale": the client retries, not the user.
+            raise _refuse(self.challenges(stale=True), "The nonce is used up or expired.")
+        req.login = user
+
+    def username(self, p: dict, algorithm: str):
+        """The user named by username, username* (RFC 8187 ext-value) or a userhash."""
+        import hmac
+        from urllib.parse import unquote_to_bytes
+        if "username*" in p:
+            match = re.fullmatch(r"(?i:utf-8)'[^']*'(.*)", p["username*"])
+            try:
+                if match is None or p.get("userhash", "false").lower() != "false":
+                    raise ValueError("username* must be UTF-8''percent-encoded, without userhash")
+                return unquote_to_bytes(match.group(1)).decode("utf-8")
+            except ValueError as exc:  # UnicodeDecodeError included
+                raise HTTPError(400, "Invalid username*: %s." % exc) from None
+        if p.get("userhash", "false").lower() != "true":
+            return p["username"]
+        if not self.userhash:
+            raise HTTPError(400, "userhash was not offered.")
+        found = None
+        for name in self.users:  # every name is hashed and compared: no early exit
+            if hmac.compare_digest(self.h(algorithm, "%s:%s" % (name, self.realm)).encode(),
+                                   p["username"].lower().encode()):
+                found = name
+        return found
+
+    def ha1(self, user: str, algorithm: str):
+        if self.users is None:
+            return self.get_ha1(self.realm, user, algorithm)
+        password = self.users.get(user)
+        return None if password is None else self.h(algorithm, "%s:%s:%s" % (user, self.realm, password))
+
+    def body_hash(self, req, algorithm: str) -> str:
+        """H(entity-body) for qop=auth-int; the body is spooled so the handler still reads it."""
+        import hashlib
+        import tempfile
+        digest = hashlib.new(_DIGESTS[algorithm.replace("-SESS", "")])
+        body = tempfile.SpooledTemporaryFile(req.app.config["request.upload_spool_size"])
+        for block in iter(lambda: req.body.read(64 * KiB), b""):
+            digest.update(block)
+            body.write(block)
+        body.seek(0)
+        req.body = req.environ["wsgi.input"] = body
+        return digest.hexdigest()
+
+    def fresh(self, nonce: str, issued: float, nc: int) -> bool:
+        """Accept each (nonce, nc) once while the nonce is young, in bounded memory."""
+        now = self.clock()
+        if now - issued > self.lifetime:
+            return False
+        with self.lock:
+            seen = self.seen
+            while seen and now - next(iter(seen.values()))[0] > self.lifetime:
+                seen.popitem(last=False)  # expired: refused above before this table is asked
+            entry = seen.get(nonce)
+            if entry is None:
+                if issued <= self.floor:
+                    return False  # forgotten to make room, so it may have been used
+                while len(seen) >= _NONCE_TABLE:
+                    self.floor = max(self.floor, seen.popitem(last=False)[1][0])
+                entry = seen[nonce] = [issued, 0, 1]  # issue time, highest nc, bits (nc 0 invalid)
+            top, mask = entry[1], entry[2]
+            if nc > top:  # slide the window: bit i stands for nc = top - i
+                shift = nc - top
+                entry[1:] = nc, 1 if shift >= _NC_WINDOW else ((mask << shift) | 1) & ((1 << _NC_WINDOW) - 1)
+            elif top - nc >= _NC_WINDOW or mask >> (top - nc) & 1:
+                return False
+            else:
+                entry[2] = mask | 1 << (top - nc)
+            return True
+
+
+def _same_target(environ: dict, uri: str) -> bool:
+    """Does the Digest ``uri`` name the request target (origin- or absolute-form)?"""
+    target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if not target:  # another server: rebuild it
+        query = environ.get("QUERY_STRING", "")
+        target = _quote_path(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
+        target += "?" + query if query else ""
+    absolute = _ABSOLUTE.fullmatch(target)
+    return uri == target or (absolute is not None and uri == (absolute.group(3) or "/"))
 
 
 # -- static files -------------------------------------------------------------
