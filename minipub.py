@@ -1849,12 +1849,11 @@ class Application:
             raise HTTPRedirect(_quote_path(req.script_name + req.path_info) + "/" + qs, 301)
         if handler is None:
             raise NotFound()
-        for node in trail:
+        handler = _method_handler(handler, req.method)
+        walked = trail if handler is trail[-1] else trail + [handler]
+        for node in walked:  # each node's hooks once, root first
             for hook in getattr(node, "_minipub_hooks", ()):
                 hook(req)
-        handler = _method_handler(handler, req.method)
-        for hook in getattr(handler, "_minipub_hooks", ()):
-            hook(req)
         query, body = _query_params(req.query_string), _body_params(req)
         req.params = _merge(query, body)
         result = handler(*args, **_bind(handler, args, query, body))
