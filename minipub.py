@@ -439,7 +439,11 @@ class Server:
                                                     do_handshake_on_connect=False)
             conn = _Conn(sock, addr, RequestParser(self.config), self.ssl_context is not None)
             self._conns.add(conn)
-            self._wait(sel, conn, "head")
+            if conn.tls:
+                self._wait(sel, conn, "head")
+            # Loopback and LAN clients have usually sent their request by now:
+            # reading at once skips a registration and a trip through select().
+            self._readable(sel, conn)
 
     def _refuse(self, sock):
         try:
@@ -463,29 +467,41 @@ class Server:
     def _readable(self, sel, conn):
         if conn.handshaking and not self._handshake(sel, conn):
             return
+        try:
+            outcome = self._pull(conn)
+        except ProtocolError as err:
+            if conn in self._waiting:
+                self._unwait(sel, conn)
+            return self._reject(conn, err)
+        if outcome is NEED_DATA:
+            if conn not in self._waiting or (conn.parser.buffered and self._waiting[conn] != "head"):
+                self._wait(sel, conn, "head")  # the head deadline starts at its first byte
+            return
+        if conn in self._waiting:
+            self._unwait(sel, conn)
+        if outcome is None:
+            self._close(conn)
+        else:
+            self._work.put(conn)
+
+    def _pull(self, conn):
+        """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
         while True:
             try:
                 data = conn.sock.recv(_RECV)
             except self._want:
-                return
+                return NEED_DATA
             except OSError:
-                return self._drop(sel, conn)
+                return None
             if not data:
-                return self._drop(sel, conn)
-            if self._waiting[conn] == "keepalive":
-                self._wait(sel, conn, "head")  # the head deadline starts at its first byte
+                return None
             conn.parser.receive(data)
-            try:
-                head = conn.parser.next_event()
-            except ProtocolError as err:
-                self._unwait(sel, conn)
-                return self._reject(conn, err)
+            head = conn.parser.next_event()
             if head is not NEED_DATA:
-                self._unwait(sel, conn)
                 conn.head = head
-                return self._work.put(conn)
+                return conn
             if not (conn.tls and conn.sock.pending()):
-                return  # TLS may hold decrypted bytes that select() cannot see
+                return NEED_DATA  # TLS may hold decrypted bytes that select() cannot see
 
     def _handshake(self, sel, conn):
         import ssl
@@ -618,8 +634,8 @@ class Server:
                 return False
             try:
                 head = conn.parser.next_event()
-                if head is NEED_DATA and not conn.parser.buffered:
-                    head = self._linger(conn)
+                if head is NEED_DATA and not conn.parser.buffered and self._work.empty():
+                    head = self._linger(conn)  # only when nobody else is waiting for a worker
             except ProtocolError as err:
                 _Exchange(self, conn).fail(err.status, err.message)
                 return False
