@@ -44,6 +44,7 @@ tools (auth, static files, uploads), the reloader, and the command line.
 
 import os
 import re
+import select
 import selectors
 import socket
 import socketserver
@@ -620,7 +621,6 @@ class Server:
             if keep is _QUEUED:
                 continue
             if keep:
-                conn.sock.setblocking(False)
                 self._handback.append(conn)
                 self._wake()
             else:
@@ -628,7 +628,6 @@ class Server:
 
     def _serve(self, conn) -> bool:
         """Answer requests on ``conn``; True hands it back to the poller."""
-        conn.sock.settimeout(self.config["server.socket_timeout"])
         for _ in range(self.config["server.max_pipelined_requests"]):
             if not _Exchange(self, conn).run() or self._stopping:
                 return False
@@ -647,37 +646,45 @@ class Server:
 
     def _linger(self, conn):
         try:
-            conn.sock.settimeout(_LINGER)
-            data = conn.sock.recv(_RECV)
-        except (socket.timeout,) + self._want:
+            self.recv(conn, _LINGER)
+        except _Timeout:
             return NEED_DATA
-        except OSError:
-            raise _ClientGone() from None
-        finally:
-            conn.sock.settimeout(self.config["server.socket_timeout"])
-        if not data:
-            raise _ClientGone()
-        conn.parser.receive(data)
         return conn.parser.next_event()
 
+    # Worker I/O.  Sockets stay non-blocking for their whole life: an operation
+    # is tried first and waited for only when it would block, which saves the
+    # poll() that a socket timeout costs before every call (and the ioctl()
+    # every settimeout() costs).
+
     def recv(self, conn, timeout: float) -> None:
-        """Feed the parser more bytes of ``conn``; the body reader calls this."""
-        try:
-            conn.sock.settimeout(max(timeout, 0.001))
-            data = conn.sock.recv(_RECV)
-        except socket.timeout:
-            raise _Timeout() from None
-        except OSError:
-            raise _ClientGone() from None
+        """Feed the parser more bytes of ``conn`` within ``timeout`` seconds."""
+        deadline = None
+        while True:
+            try:
+                data = conn.sock.recv(_RECV)
+                break
+            except self._want:
+                now = time.monotonic()
+                deadline = deadline or now + timeout
+                if now >= deadline or not _wait_for(conn.sock, False, deadline - now):
+                    raise _Timeout() from None
+            except OSError:
+                raise _ClientGone() from None
         if not data:
             raise _ClientGone()
         conn.parser.receive(data)
 
     def send(self, conn, data) -> None:
-        try:
-            conn.sock.sendall(data)
-        except OSError:  # includes socket.timeout: a client that stopped reading
-            raise _ClientGone() from None
+        """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[conn.sock.send(view):]
+            except self._want:
+                if not _wait_for(conn.sock, True, self.config["server.socket_timeout"]):
+                    raise _ClientGone() from None
+            except OSError:
+                raise _ClientGone() from None
 
     def sendfile(self, conn, file, offset: int, count: int) -> None:
         """Zero-copy on plain sockets; TLS falls back to a buffered loop."""
@@ -691,9 +698,28 @@ class Server:
                     conn.sock.sendall(block)
                     count -= len(block)
             else:
-                conn.sock.sendfile(file, offset, count)
+                conn.sock.settimeout(self.config["server.socket_timeout"])  # sendfile() blocks
+                try:
+                    conn.sock.sendfile(file, offset, count)
+                finally:
+                    conn.sock.setblocking(False)
         except OSError:
             raise _ClientGone() from None
+
+
+if hasattr(select, "poll"):
+    def _wait_for(sock, write: bool, timeout: float) -> bool:
+        """Wait until ``sock`` is readable (or writable); False on timeout."""
+        if not write and getattr(sock, "pending", None) and sock.pending():
+            return True  # TLS already holds decrypted bytes
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT if write else select.POLLIN)
+        return bool(poller.poll(max(timeout, 0.0) * 1000))
+else:  # Windows has no poll(); there select() has no FD_SETSIZE ceiling
+    def _wait_for(sock, write: bool, timeout: float) -> bool:
+        if not write and getattr(sock, "pending", None) and sock.pending():
+            return True
+        return any(select.select([] if write else [sock], [sock] if write else [], [], max(timeout, 0.0))[:2])
 
 
 def make_ssl_context(config: dict):

@@ -306,6 +306,21 @@ def summarize(raw, specs, scens):
     return med, ratios
 
 
+def format_imports(imports):
+    runs = max(v.get("runs", 0) for v in imports.values())
+    lines = ["import cost (median of %d runs, python -I; added = with import"
+             " - bare start; target for minipub: < 15 ms):" % runs]
+    for mod, r in imports.items():
+        if "error" in r:
+            lines.append("  %-10s %s" % (mod, r["error"]))
+            continue
+        lines.append("  %-10s added %6.1f ms  (-X importtime cumulative %6.1f ms; "
+                     "bare start %.1f ms; %s)"
+                     % (mod, r["added_ms"], r["importtime_cumulative_ms"] or 0,
+                        r["bare_start_ms"], r["venv"]))
+    return "\n".join(lines)
+
+
 def format_table(med, ratios, specs, scens, failures, imports, meta):
     lines = []
     w = 17
@@ -345,17 +360,7 @@ def format_table(med, ratios, specs, scens, failures, imports, meta):
                  "tail lower)")
     if imports:
         lines.append("")
-        runs = max(v.get("runs", 0) for v in imports.values())
-        lines.append("import cost (median of %d runs, python -I; added = with import"
-                     " - bare start; target for minipub: < 15 ms):" % runs)
-        for mod, r in imports.items():
-            if "error" in r:
-                lines.append("  %-10s %s" % (mod, r["error"]))
-                continue
-            lines.append("  %-10s added %6.1f ms  (-X importtime cumulative %6.1f ms; "
-                         "bare start %.1f ms; %s)"
-                         % (mod, r["added_ms"], r["importtime_cumulative_ms"] or 0,
-                            r["bare_start_ms"], r["venv"]))
+        lines.append(format_imports(imports))
     if failures:
         lines.append("")
         lines.append("failures:")
@@ -445,6 +450,8 @@ def parse_args(argv):
     p.add_argument("--ready-timeout", type=float, default=15.0)
     p.add_argument("--import-runs", type=int)
     p.add_argument("--no-import", action="store_true", help="skip import cost")
+    p.add_argument("--import-only", action="store_true",
+                   help="only measure the import cost (no servers)")
     p.add_argument("--no-copy", action="store_true",
                    help="do not copy the chart to bench/hello.svg")
     p.add_argument("--list", action="store_true", help="list servers and exit")
@@ -479,6 +486,10 @@ def main(argv=None):
                 "its scenarios will be reported as failed" % tool)
 
     py = common.ensure_venv()
+    if args.import_only:
+        imports = import_costs(args.import_runs)
+        print(format_imports(imports))
+        return 0
     os.makedirs(RESULTS, exist_ok=True)
     if os.path.isdir(common.LOGS):
         shutil.rmtree(common.LOGS, ignore_errors=True)
