@@ -1709,6 +1709,8 @@ class Application:
             body = self.redirect(req, resp, redirect)
         except HTTPError as err:
             body = self.error(resp, err.status, err.message, getattr(err, "headers", None))
+        except (_ClientGone, _Timeout):
+            raise  # the server's business (close, or 408), not a handler bug
         except Exception:
             _logger().exception("Error in handler for %s %s", req.method, req.path)
             detail = None

@@ -586,8 +586,8 @@ def test_upload_limits_413(serve, tmp_path, tmpdir_uploads):
     assert os.listdir(tmpdir_uploads) == []
 
 
-def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads):
-    port = serve(upload_app(tmp_path, {"request.upload_spool_size": 1024})).port
+def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads, caplog):
+    port = serve(upload_app(tmp_path, {"request.upload_spool_size": 1024}), thread_pool=1).port
     head = (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
             b"Content-Length: 50000000\r\n\r\n"
             b'--B\r\nContent-Disposition: form-data; name="f"; filename="f.bin"\r\n\r\n')
@@ -601,6 +601,8 @@ def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads):
     while os.listdir(tmpdir_uploads):  # ... and is gone once the client is
         assert time.monotonic() < deadline, os.listdir(tmpdir_uploads)
         time.sleep(0.01)
+    assert curl("http://127.0.0.1:%d/up" % port) == b"{}"  # one worker: the first request is over
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a gone client is no handler bug
 
 
 # ===========================================================================
