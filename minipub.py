@@ -2193,7 +2193,6 @@ class StaticDir:
         return path if self._follow else real
 
 
-
 # -- uploads (multipart/form-data, streamed) ----------------------------------
 
 _BLOCK = 256 * KiB  # the body is read in blocks of this size, never by lines
@@ -2202,20 +2201,13 @@ _PARAM = re.compile(r';[ \t]*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"
 
 
 class Part:
-    """An uploaded file: ``request.params[name]`` for a part that has a filename.
-
-    ``file`` holds the content (in memory up to request.upload_spool_size, then
-    in a temporary file), positioned at 0; it is deleted when the request ends,
-    so keep it with save().
-    """
+    """An uploaded file in ``request.params``: ``file`` (at 0) is in memory up to
+    request.upload_spool_size, then a temporary file deleted when the request ends."""
 
     def __init__(self, name: str, filename: str, content_type: str, spool_size: int):
         self.name, self.filename, self.content_type = name, filename, content_type
         import io
         self.file, self.size, self._spool, self._temp = io.BytesIO(), 0, spool_size, None
-
-    def __repr__(self):
-        return "<minipub.Part %r %r %d bytes>" % (self.name, self.filename, self.size)
 
     @property
     def safe_filename(self) -> str:
@@ -2351,13 +2343,14 @@ def _part_head(block: bytes):
 def parse_multipart(req, content_type: str) -> dict:
     """Parse a multipart/form-data body as a stream into fields (str) and Parts.
 
-    Limits (request.*): max_form_parts parts (413), max_form_field_size bytes
-    per non-file field (413); files spool to disk past upload_spool_size.
+    Limits (request.*): max_form_parts parts, max_form_field_size bytes for all
+    non-file fields together, as for a urlencoded body (413); files spool to
+    disk past upload_spool_size.
     """
     config = req.app.config
     blocks, delimiter = _Blocks(req.body), b"\r\n--" + _boundary(content_type)
     parts = req.__dict__.setdefault("_uploads", [])  # Application closes them after the response
-    pairs, field_limit = [], config["request.max_form_field_size"]
+    pairs, budget = [], config["request.max_form_field_size"]
     try:
         blocks.until(delimiter, None)  # the preamble is ignored
         while True:
@@ -2376,8 +2369,8 @@ def parse_multipart(req, content_type: str) -> dict:
             name, filename, ctype = _part_head(bytes(head))
             if filename is None:
                 value = bytearray()
-                blocks.until(delimiter, value.extend, field_limit,
-                             HTTPError(413, "Form field %r is too large." % name[:40]))
+                blocks.until(delimiter, value.extend, budget, HTTPError(413, "Form fields too large."))
+                budget -= len(value)
                 try:
                     pairs.append((name, value.decode("utf-8")))
                 except UnicodeDecodeError:
@@ -2397,23 +2390,18 @@ def parse_multipart(req, content_type: str) -> dict:
 
 
 def _release_uploads(req, body=None):
-    """Close the request's Parts now, or (for a streamed body) when the server closes ``body``."""
-    parts = req.__dict__.pop("_uploads", ())
-
-    def release():
-        for part in parts:
-            part.close()
-    if body is None or isinstance(body, list):
-        release()
-        return body
-    inner = getattr(body, "close", None)
+    """Close the request's Parts now, or for a streamed body when the server closes it."""
+    parts, inner = req.__dict__.pop("_uploads", ()), getattr(body, "close", None)
 
     def close():
         try:
             if inner is not None:
                 inner()
         finally:
-            release()
+            for part in parts:
+                part.close()
+    if body is None or isinstance(body, list):
+        return close() or body
     if isinstance(body, FileWrapper):  # keep its type: the server sends it with sendfile()
         body.close = close
         return body
@@ -2421,8 +2409,6 @@ def _release_uploads(req, body=None):
 
 
 class _ClosingBody:
-    """A WSGI body whose close() also releases the request's uploads."""
-
     def __init__(self, chunks, close):
         self.chunks, self.close = chunks, close
 

@@ -580,6 +580,7 @@ def test_upload_limits_413(serve, tmp_path, tmpdir_uploads):
     assert status("-F", "a=1", "-F", "b=2", "-F", "c=3", "-F", "d=4") == 413
     assert status("-F", "a=1", "-F", "b=2", "-F", "c=3") == 200
     assert status("-F", "a=" + "x" * 1001) == 413
+    assert status("-F", "a=" + "x" * 600, "-F", "b=" + "x" * 600) == 413  # fields count together
     assert status("--data-urlencode", "a=" + "x" * 1000) == 413  # a whole urlencoded body
     assert status("-d", "a=1&b=2&c=3&d=4") == 413
     assert status("-d", "a=1&b=2") == 200
