@@ -567,6 +567,28 @@ def test_parse_multipart_edge_cases(tmp_path):
         assert call_app(app, "POST", "/up", body=body, headers=headers)[0] == 400, body[:60]
 
 
+def test_parse_multipart_any_block_size(tmp_path, monkeypatch):
+    """Whatever the contents and wherever the block edges fall, every byte comes back."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    app = upload_app(tmp_path, {"request.upload_spool_size": 16})
+    content = st.binary(max_size=80).map(lambda b: b.replace(b"b", b"\r\n--").replace(b"c", b"\r"))
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(block=st.integers(1, 40), files=st.lists(content, min_size=1, max_size=4))
+    def check(block, files):
+        hypothesis.assume(not any(b"\r\n--XyZ" in f + b"\r\n" for f in files))
+        monkeypatch.setattr(minipub, "_BLOCK", block)
+        body = _multipart(*[(b'Content-Disposition: form-data; name="f%d"; filename="x"' % i, f)
+                            for i, f in enumerate(files)])
+        status, _, out = call_app(app, "POST", "/up", body=body,
+                                  headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+        got = json.loads(out)
+        assert status == 200 and [got["f%d" % i]["sha256"] for i in range(len(files))] == [
+            _sha(f) for f in files]
+    check()
+
+
 def test_upload_limits_413(serve, tmp_path, tmpdir_uploads):
     config = {"request.max_form_parts": 3, "request.max_form_field_size": 1000}
     port = serve(upload_app(tmp_path, config), max_request_body_size=200000).port
