@@ -216,7 +216,8 @@ def measure(name, big, each, clients, static_dir, python):
                  "%{http_code} %{size_download} %{time_total}", url + "/static/" + os.path.basename(big)],
                 timeout=130)
         status, size, seconds = (out.split() + ["0", "0", "1"])[:3]
-        row["download_GBps"] = int(size) / float(seconds) / 1e9 if status == "200" and int(size) == size_big else None
+        whole = status == "200" and int(size) == size_big
+        row["download_GBps"] = int(size) / float(seconds) / 1e9 if whole else None
         row["download_rss_MB"] = rss.growth_mb
         return row
     finally:
