@@ -2270,9 +2270,9 @@ class _Blocks:
 
     def until(self, marker: bytes, sink, limit: int = -1, error: HTTPError = None) -> None:
         """Feed the bytes before ``marker`` to ``sink`` (None discards), then drop the marker."""
-        buf, keep, scanned, fed = self.buf, len(marker) - 1, 0, 0
+        buf, keep, fed = self.buf, len(marker) - 1, 0
         while True:
-            at = buf.find(marker, scanned)
+            at = buf.find(marker)  # what is left of the last block is shorter than ``marker``
             n = at if at >= 0 else len(buf) - keep
             if 0 <= limit < fed + n:
                 raise error
@@ -2284,7 +2284,6 @@ class _Blocks:
             if n > 0:
                 del buf[:n]
                 fed += n
-            scanned = max(0, len(buf) - keep)
             self.need(len(buf) + 1)
 
 
