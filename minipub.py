@@ -59,6 +59,7 @@ __all__ = [
     "HTTPError", "HTTPRedirect", "NotFound", "ProtocolError", "ConfigError",
     "RequestParser", "RequestHead", "LIMITS", "make_config", "load_config",
     "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
+    "StaticDir", "serve_file", "Part",
 ]
 
 # Heavy modules (ssl, json, inspect, logging, email, tempfile, urllib.parse,
@@ -1866,6 +1867,8 @@ class Application:
             body = self.redirect(req, resp, redirect)
         except HTTPError as err:
             body = self.error(resp, err.status, err.message, getattr(err, "headers", None))
+        except (_ClientGone, _Timeout):
+            raise  # the server's business (close, or 408), not a handler bug
         except Exception:
             _logger().exception("Error in handler for %s %s", req.method, req.path)
             detail = None
@@ -1873,6 +1876,8 @@ class Application:
                 import traceback
                 detail = traceback.format_exc()
             body = self.error(resp, 500, None, None, detail)
+        if "_uploads" in req.__dict__:  # temporary files live until the body is sent
+            body = _release_uploads(req, body)
         if req.login is not None:
             environ["REMOTE_USER"] = req.login
         fields = resp.headers.fields() + resp.extra_fields + [("Set-Cookie", c) for c in resp.cookies]
@@ -2105,10 +2110,13 @@ def _body_params(req) -> dict:
     kind = ctype.partition(";")[0].strip(" \t").lower()
     if kind == "application/x-www-form-urlencoded":
         from urllib.parse import parse_qsl
-        length = req.environ.get("CONTENT_LENGTH")
-        data = req.body.read(int(length) if length else 16 * MiB).decode("utf-8", "replace")
+        limit = req.app.config["request.max_form_field_size"]
+        data = req.body.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPError(413, "Form body too large.")
+        data, parts = data.decode("utf-8", "replace"), req.app.config["request.max_form_parts"]
         try:
-            return _pairs_to_dict(parse_qsl(data, keep_blank_values=True, max_num_fields=1000))
+            return _pairs_to_dict(parse_qsl(data, keep_blank_values=True, max_num_fields=parts))
         except ValueError:
             raise HTTPError(413, "Too many form fields.") from None
     if kind == "multipart/form-data":
@@ -2128,6 +2136,8 @@ def _body_of(result, resp):
         import json
         resp.headers.setdefault("Content-Type", "application/json")
         return [json.dumps(result).encode("utf-8")]
+    if isinstance(result, FileWrapper):  # serve_file(): headers already set
+        return result
     if hasattr(result, "read"):
         resp.headers.setdefault("Content-Type", "application/octet-stream")
         try:
@@ -2506,12 +2516,409 @@ def _same_target(environ: dict, uri: str) -> bool:
 
 # -- static files -------------------------------------------------------------
 
+# Types some platforms map wrongly (a Windows registry can say text/plain for
+# .js, which browsers refuse to run under nosniff).
+_WEB_TYPES = {".css": "text/css", ".js": "text/javascript", ".mjs": "text/javascript",
+              ".wasm": "application/wasm", ".json": "application/json", ".svg": "image/svg+xml"}
+_TEXTUAL = ("text/", "application/javascript", "application/json", "application/xml", "image/svg+xml")
+_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+_ENCODED_SLASH = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+
+
+def _content_type(path: str) -> str:
+    import mimetypes
+    ext = os.path.splitext(path)[1].lower()
+    ctype, encoding = mimetypes.guess_type(path)
+    ctype = _WEB_TYPES.get(ext) or ctype
+    if encoding or not ctype:  # x.tar.gz is gzip data, not a tar file
+        return "application/gzip" if encoding == "gzip" else "application/octet-stream"
+    return ctype + "; charset=utf-8" if ctype.startswith(_TEXTUAL) else ctype
+
+
+def _http_time(value):
+    """Seconds since the epoch of an HTTP-date, or None if it is not one."""
+    from email.utils import parsedate_to_datetime
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None  # RFC 9110 13.1.3: "A recipient MUST ignore ... not a valid HTTP-date"
+
+
+def _etag_in(header: str, etag: str, weak: bool) -> bool:
+    tags = [t.strip(" \t") for t in header.split(",")]
+    if weak:
+        tags = [t[2:] if t.startswith("W/") else t for t in tags]
+    return "*" in tags or etag in tags
+
+
+def _precondition(req, etag: str, mtime: int):
+    """RFC 9110 13.2.2 evaluation order: 412, 304 or None (go on)."""
+    get = req.method in ("GET", "HEAD")
+    match, unmodified = req.headers.get("If-Match"), req.headers.get("If-Unmodified-Since")
+    if match is not None:
+        if not _etag_in(match, etag, weak=False):  # If-Match uses the strong comparison
+            return 412
+    elif unmodified is not None and mtime > (_http_time(unmodified) or float("inf")):
+        return 412
+    none_match, since = req.headers.get("If-None-Match"), req.headers.get("If-Modified-Since")
+    if none_match is not None:
+        if _etag_in(none_match, etag, weak=True):
+            return 304 if get else 412
+    elif since is not None and get and mtime <= (_http_time(since) or -1.0):
+        return 304
+    return None
+
+
+def _byte_range(req, size: int, etag: str, last_modified: str):
+    """(offset, length) of a single satisfiable Range, None for the whole file; 416 raises."""
+    header = req.headers.get("Range")
+    if header is None or req.method != "GET":
+        return None
+    if_range = req.headers.get("If-Range")
+    if if_range is not None and if_range not in (etag, last_modified):
+        return None  # RFC 9110 13.1.5: the representation changed, send all of it
+    match = _RANGE.fullmatch(header.replace(" ", ""))
+    if match is None or match.groups() == ("", ""):
+        return None  # several ranges or an unknown unit: a 200 is a valid answer
+    first, last = match.groups()
+    if first:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+    else:  # suffix-range: the last N bytes
+        start, end = max(0, size - int(last)), size - 1
+    if start >= size or start > end or (not first and not int(last)):
+        err = HTTPError(416, "Range not satisfiable.")
+        err.headers = [("Content-Range", "bytes */%d" % size)]
+        raise err
+    return start, end - start + 1
+
+
+def serve_file(path: str, content_type: str = None, disposition: str = None, *,
+               cache_control: str = None):
+    """Answer with the file at ``path``: validators, 304/412, one Range, HEAD.
+
+    ``disposition`` is "attachment" or "inline" (a Content-Disposition naming
+    the file).  The result is a FileWrapper, sent with sendfile() when possible.
+    """
+    try:
+        file = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise NotFound() from None
+    except PermissionError:
+        raise HTTPError(403) from None
+    try:
+        import stat as modes
+        stat = os.fstat(file.fileno())
+        if not modes.S_ISREG(stat.st_mode):
+            raise NotFound()
+        return _file_response(file, path, stat, content_type, disposition, cache_control)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _file_response(file, path, stat, content_type, disposition, cache_control):
+    mtime, size = int(stat.st_mtime), stat.st_size
+    etag, last_modified = '"%x-%x"' % (stat.st_mtime_ns, size), http_date(mtime)
+    headers = response.headers
+    headers.update([("ETag", etag), ("Last-Modified", last_modified), ("Accept-Ranges", "bytes"),
+                    ("X-Content-Type-Options", "nosniff")])
+    if cache_control:
+        headers["Cache-Control"] = cache_control
+    outcome = _precondition(request, etag, mtime)
+    if outcome == 412:
+        raise HTTPError(412, "Precondition failed.")
+    if outcome == 304:
+        response.status = 304
+        headers["Content-Length"] = size  # RFC 9110 8.6: only the size a 200 would have
+        file.close()
+        return None
+    headers["Content-Type"] = content_type or _content_type(path)
+    if disposition:
+        from urllib.parse import quote
+        name = os.path.basename(path)
+        headers["Content-Disposition"] = '%s; filename="%s"; filename*=UTF-8\'\'%s' % (
+            disposition, re.sub(r'[^\x20-\x7e]|["\\]', "_", name), quote(name, safe=""))
+    span = _byte_range(request, size, etag, last_modified)
+    if span is None:
+        headers["Content-Length"] = size
+        return FileWrapper(file, 256 * KiB, 0, size)
+    response.status = 206
+    headers["Content-Range"] = "bytes %d-%d/%d" % (span[0], span[0] + span[1] - 1, size)
+    headers["Content-Length"] = span[1]
+    return FileWrapper(file, 256 * KiB, span[0], span[1])
+
+
+class StaticDir:
+    """Serve the files under ``root_dir``: ``Root.static = StaticDir("/abs/dir")``.
+
+    Nothing outside ``root_dir`` is reachable: '..', '.', empty segments, '\\',
+    ':' and NUL in a segment and '%2f', '%5c' or '%00' in the raw URL are
+    refused; symlinks leading outside are refused unless ``follow_symlinks``.
+    A directory serves its ``index`` file (no listings).
+    """
+
+    exposed = True  # every other attribute is private: path segments look them up
+
+    def __init__(self, root_dir: str, index: str = "index.html", follow_symlinks: bool = False,
+                 cache_control: str = "no-cache"):
+        self._root = os.path.realpath(root_dir)
+        self._index, self._follow, self._cache = index, follow_symlinks, cache_control
+
+    def __call__(self, *segments, **params):
+        req = request
+        if req.method not in ("GET", "HEAD"):
+            err = HTTPError(405, "Static files are read-only.")
+            err.headers = [("Allow", "GET, HEAD")]
+            raise err
+        path = self._resolve(req, segments)
+        if os.path.isdir(path):
+            if not req.path_info.endswith("/"):
+                target = _quote_path(req.script_name + req.path_info) + "/"
+                if target.startswith("//"):
+                    raise NotFound()  # a redirect never leaves this host
+                raise HTTPRedirect(target + ("?" + req.query_string if req.query_string else ""), 301)
+            if not self._index:
+                raise NotFound()
+            path = self._resolve(req, segments + (self._index,))
+        return serve_file(path, cache_control=self._cache)
+
+    def _resolve(self, req, segments) -> str:
+        raw = req.environ.get("RAW_URI") or req.environ.get("REQUEST_URI") or ""
+        match = _ABSOLUTE.fullmatch(raw)
+        raw = (match.group(3) if match else raw).partition("?")[0]
+        if _ENCODED_SLASH.search(raw):
+            raise HTTPError(403, "Encoded separators are not allowed.")
+        for segment in segments:
+            if segment in ("", ".", "..") or any(c in segment for c in "\\:\0"):
+                raise HTTPError(403, "Invalid path segment.")
+        path = os.path.join(self._root, *segments)
+        real = os.path.realpath(path)
+        inside = real == self._root or real.startswith(self._root + os.sep)
+        if not inside and not self._follow:
+            raise HTTPError(403, "This link leads outside the static directory.")
+        return path if self._follow else real
+
 
 # -- uploads (multipart/form-data, streamed) ----------------------------------
 
+_BLOCK = 256 * KiB  # the body is read in blocks of this size, never by lines
+_PART_HEAD_MAX = 16 * KiB
+_PARAM = re.compile(r';[ \t]*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^; \t]*)[ \t]*')
+
+
+class Part:
+    """An uploaded file in ``request.params``: ``file`` (at 0) is in memory up to
+    request.upload_spool_size, then a temporary file deleted when the request ends."""
+
+    def __init__(self, name: str, filename: str, content_type: str, spool_size: int):
+        self.name, self.filename, self.content_type = name, filename, content_type
+        import io
+        self.file, self.size, self._spool, self._temp = io.BytesIO(), 0, spool_size, None
+
+    @property
+    def safe_filename(self) -> str:
+        """The filename without directory or drive parts and control characters; '' if none is left."""
+        name = re.split(r"[/\\]", self.filename)[-1]
+        name = re.sub(r"[\x00-\x1f\x7f:]", "_", name).strip(" ")
+        return "" if name in ("", ".", "..") else name
+
+    def _write(self, data) -> None:
+        if self._temp is None and self.size + len(data) > self._spool:
+            import tempfile
+            fd, self._temp = tempfile.mkstemp(prefix="minipub-upload-")
+            disk = os.fdopen(fd, "w+b")
+            disk.write(self.file.getbuffer())
+            self.file = disk
+        self.file.write(data)
+        self.size += len(data)
+
+    def save(self, path: str) -> None:
+        """Store the content at ``path``: a rename when the temporary file is on that filesystem."""
+        import shutil
+        if self._temp is not None:
+            self.file.flush()
+            try:
+                os.replace(self._temp, path)
+                self._temp = None  # it is the caller's file now
+                return
+            except OSError as exc:
+                import errno
+                if exc.errno != errno.EXDEV:
+                    raise
+        self.file.seek(0)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            shutil.copyfileobj(self.file, out, _BLOCK)
+        self.file.seek(0)
+
+    def close(self) -> None:
+        """Close the content and delete its temporary file (done when the request ends)."""
+        self.file.close()
+        temp, self._temp = self._temp, None
+        if temp is not None:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+
+
+class _Blocks:
+    """The body as a buffer refilled in fixed-size blocks."""
+
+    def __init__(self, body):
+        self.body, self.buf = body, bytearray(b"\r\n")  # so the first delimiter has its CRLF
+
+    def need(self, n: int) -> None:
+        while len(self.buf) < n:
+            block = self.body.read(_BLOCK)
+            if not block:
+                raise HTTPError(400, "The multipart body ended early.")
+            self.buf += block
+
+    def until(self, marker: bytes, sink, limit: int = -1, error: HTTPError = None) -> None:
+        """Feed the bytes before ``marker`` to ``sink`` (None discards), then drop the marker."""
+        buf, keep, fed = self.buf, len(marker) - 1, 0
+        while True:
+            at = buf.find(marker)  # what is left of the last block is shorter than ``marker``
+            n = at if at >= 0 else len(buf) - keep
+            if 0 <= limit < fed + n:
+                raise error
+            if n > 0 and sink is not None:
+                sink(buf[:n])
+            if at >= 0:
+                del buf[:at + len(marker)]
+                return
+            if n > 0:
+                del buf[:n]
+                fed += n
+            self.need(len(buf) + 1)
+
+
+def _boundary(content_type: str) -> bytes:
+    params = _header_params(";" + content_type.partition(";")[2])
+    boundary = params.get("boundary", "")
+    # RFC 2046 5.1.1: boundary := 0*69<bchars> bcharsnospace
+    if not re.fullmatch(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]", boundary):
+        raise HTTPError(400, "Missing or invalid multipart boundary.")
+    return boundary.encode("ascii")
+
+
+def _header_params(text: str) -> dict:
+    params, end = {}, 0
+    for match in _PARAM.finditer(text):
+        if match.start() != end:
+            break
+        name, value = match.group(1).lower(), match.group(2)
+        if value[:1] == '"':
+            value = re.sub(r'\\(.)', r"\1", value[1:-1])
+        params[name], end = value, match.end()
+    if text[end:].strip(" \t;"):
+        raise HTTPError(400, "Malformed header parameters: %r" % text[:80])
+    return params
+
+
+def _part_head(block: bytes):
+    """(name, filename or None, content type) from a part's header lines."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        text = block.decode("latin-1")
+    fields = {}
+    for line in text.split("\r\n"):
+        if line:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise HTTPError(400, "Malformed part header.")
+            fields[name.strip(" \t").lower()] = value.strip(" \t")
+    kind, _, rest = fields.get("content-disposition", "").partition(";")
+    params = _header_params(";" + rest)
+    if kind.strip(" \t").lower() != "form-data" or "name" not in params:
+        raise HTTPError(400, "A form part needs Content-Disposition: form-data; name=...")
+    filename = params.get("filename")
+    if "filename*" in params:  # RFC 8187 ext-value: charset'lang'pct-encoded
+        from urllib.parse import unquote
+        charset, _, encoded = params["filename*"].partition("'")
+        try:
+            filename = unquote(encoded.partition("'")[2], charset or "utf-8", "strict")
+        except (LookupError, UnicodeDecodeError):
+            raise HTTPError(400, "Invalid filename* parameter.") from None
+    # RFC 7578 4.4: Content-Type "defaults to 'text/plain'".
+    return params["name"], filename, fields.get("content-type", "text/plain")
+
+
 def parse_multipart(req, content_type: str) -> dict:
-    """Parse a multipart/form-data body into fields and Part objects."""
-    raise HTTPError(415, "multipart/form-data is not supported yet.")
+    """Parse a multipart/form-data body as a stream into fields (str) and Parts.
+
+    Limits (request.*): max_form_parts parts, max_form_field_size bytes for all
+    non-file fields together, as for a urlencoded body (413); files spool to
+    disk past upload_spool_size.
+    """
+    config = req.app.config
+    blocks, delimiter = _Blocks(req.body), b"\r\n--" + _boundary(content_type)
+    parts = req.__dict__.setdefault("_uploads", [])  # Application closes them after the response
+    pairs, budget = [], config["request.max_form_field_size"]
+    try:
+        blocks.until(delimiter, None)  # the preamble is ignored
+        while True:
+            blocks.need(2)
+            if blocks.buf[:2] == b"--":
+                break  # close-delimiter; the epilogue is ignored
+            line = bytearray()
+            blocks.until(b"\r\n", line.extend, 1024, HTTPError(400, "Malformed boundary line."))
+            if line.strip(b" \t"):  # RFC 2046 allows only transport-padding here
+                raise HTTPError(400, "Malformed boundary line.")
+            if len(pairs) >= config["request.max_form_parts"]:
+                raise HTTPError(413, "Too many form parts.")
+            head = bytearray()
+            blocks.buf[0:0] = b"\r\n"  # a part without header fields is CRLF CRLF too
+            blocks.until(b"\r\n\r\n", head.extend, _PART_HEAD_MAX, HTTPError(400, "Part header too large."))
+            name, filename, ctype = _part_head(bytes(head))
+            if filename is None:
+                value = bytearray()
+                blocks.until(delimiter, value.extend, budget, HTTPError(413, "Form fields too large."))
+                budget -= len(value)
+                try:
+                    pairs.append((name, value.decode("utf-8")))
+                except UnicodeDecodeError:
+                    raise HTTPError(400, "Form field %r is not UTF-8." % name[:40]) from None
+            else:
+                part = Part(name, filename, ctype, config["request.upload_spool_size"])
+                parts.append(part)
+                blocks.until(delimiter, part._write)
+                part.file.seek(0)
+                pairs.append((name, part))
+        while req.body.read(_BLOCK):
+            pass
+    except BaseException:  # a refused or broken upload leaves no temporary file
+        _release_uploads(req)
+        raise
+    return _pairs_to_dict(pairs)
+
+
+def _release_uploads(req, body=None):
+    """Close the request's Parts now, or for a streamed body when the server closes it."""
+    parts, inner = req.__dict__.pop("_uploads", ()), getattr(body, "close", None)
+
+    def close():
+        try:
+            if inner is not None:
+                inner()
+        finally:
+            for part in parts:
+                part.close()
+    if body is None or isinstance(body, list):
+        return close() or body
+    if isinstance(body, FileWrapper):  # keep its type: the server sends it with sendfile()
+        body.close = close
+        return body
+    return _ClosingBody(body, close)
+
+
+class _ClosingBody:
+    def __init__(self, chunks, close):
+        self.chunks, self.close = chunks, close
+
+    def __iter__(self):
+        return iter(self.chunks)
 
 
 # ===========================================================================

@@ -454,6 +454,11 @@ def parse_args(argv):
                    help="only measure the import cost (no servers)")
     p.add_argument("--no-copy", action="store_true",
                    help="do not copy the chart to bench/hello.svg")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the chart to bench/hello.svg even with --quick/--only")
+    p.add_argument("--render", metavar="JSON",
+                   help="re-draw the chart (and bench/hello.svg) from a saved "
+                        "results JSON, run nothing")
     p.add_argument("--list", action="store_true", help="list servers and exit")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (1 if a.quick else 3)
@@ -485,6 +490,8 @@ def main(argv=None):
             log("warning: %s not found (apt-get install -y wrk apache2-utils); "
                 "its scenarios will be reported as failed" % tool)
 
+    if args.render:
+        return render_saved(args.render)
     py = common.ensure_venv()
     if args.import_only:
         imports = import_costs(args.import_runs)
@@ -601,11 +608,31 @@ def main(argv=None):
     svg = render_svg(med, specs, scens, meta)
     with open(os.path.join(RESULTS, "hello.svg"), "w") as f:
         f.write(svg)
-    if not args.no_copy:
+    # the committed chart comes from full runs only, unless asked
+    copy = args.copy or not (args.no_copy or args.quick or args.only)
+    if copy:
         shutil.copyfile(os.path.join(RESULTS, "hello.svg"), os.path.join(HERE, "hello.svg"))
     log("wrote %s, %s%s" % (os.path.join(RESULTS, "latest.json"),
                             os.path.join(RESULTS, "hello.svg"),
-                            "" if args.no_copy else ", bench/hello.svg"))
+                            ", bench/hello.svg" if copy else ""))
+    return 0
+
+
+def render_saved(path):
+    """Chart and table from a saved results JSON (e.g. an earlier full run)."""
+    with open(path) as f:
+        doc = json.load(f)
+    names = list(doc["medians"])
+    specs = [s for s in server_specs() if s.name in names]
+    scens = scenarios()
+    print(format_table(doc["medians"], doc["ratios"], specs, scens, [],
+                       doc.get("imports") or {}, doc["meta"]))
+    svg = render_svg(doc["medians"], specs, scens, doc["meta"])
+    os.makedirs(RESULTS, exist_ok=True)
+    for out in (os.path.join(RESULTS, "hello.svg"), os.path.join(HERE, "hello.svg")):
+        with open(out, "w") as f:
+            f.write(svg)
+    log("wrote %s and bench/hello.svg from %s" % (os.path.join(RESULTS, "hello.svg"), path))
     return 0
 
 
