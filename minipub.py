@@ -466,7 +466,8 @@ class Server:
         conn.deadline = None
         sel.unregister(conn.sock)
 
-    def _readable(self, sel, conn):
+    def _readable(self, sel, conn, idle="head"):
+        """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
         if conn.handshaking and not self._handshake(sel, conn):
             return
         try:
@@ -476,7 +477,9 @@ class Server:
                 self._unwait(sel, conn)
             return self._reject(conn, err)
         if outcome is NEED_DATA:
-            if conn not in self._waiting or (conn.parser.buffered and self._waiting[conn] != "head"):
+            if conn not in self._waiting:
+                self._wait(sel, conn, "head" if conn.parser.buffered else idle)
+            elif conn.parser.buffered and self._waiting[conn] != "head":
                 self._wait(sel, conn, "head")  # the head deadline starts at its first byte
             return
         if conn in self._waiting:
@@ -562,10 +565,8 @@ class Server:
             conn = self._handback.popleft()
             if self._stopping:
                 self._close(conn)
-            else:
-                self._wait(sel, conn, "head" if conn.parser.buffered else "keepalive")
-                if conn.tls and conn.sock.pending():
-                    self._readable(sel, conn)
+            else:  # the next request has often arrived already: read before registering
+                self._readable(sel, conn, "keepalive")
 
     def _next_timeout(self):
         soonest = None
