@@ -239,6 +239,11 @@ class _Timeout(Exception):
 # ===========================================================================
 
 _ACCEPT, _WAKE, _QUEUED = object(), object(), object()
+# With the GIL, Python code runs one thread at a time: waking more workers than
+# this for ready connections only makes them take turns (more futex traffic,
+# worse tail latency).  More are woken when these stop making progress.
+_BUSY = 2
+_TICK = 0.002  # how often the poller checks that busy workers make progress
 # Keep-alive clients usually send their next request within microseconds of
 # reading a response; a worker waits this long for it before handing the
 # connection back, which saves two thread hand-offs per request under load.
@@ -377,12 +382,16 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._work = __import__("queue").SimpleQueue()
+        self._pending, self._idle, self._pool_lock = deque(), [], threading.Lock()
+        self._busy = self.config["server.thread_pool"]
+        self._done = self._done_seen = self._checked = 0
         access = _logger("access")
         if access.isEnabledFor(20) and (access.handlers or not access.propagate):
             self._access = access.info
         for i in range(self.config["server.thread_pool"]):
-            worker = threading.Thread(target=self._worker, name="minipub-%d" % i, daemon=True)
+            gate = threading.Lock()
+            gate.acquire()
+            worker = threading.Thread(target=self._worker, args=(gate,), name="minipub-%d" % i, daemon=True)
             worker.start()
             self._workers.append(worker)
 
@@ -413,6 +422,7 @@ class Server:
                     else:
                         self._readable(sel, key.data)
                 self._expire(sel)
+                self._check_progress()
         finally:
             self._shutdown(sel)
 
@@ -487,7 +497,7 @@ class Server:
         if outcome is None:
             self._close(conn)
         else:
-            self._work.put(conn)
+            self._dispatch(conn)
 
     def _pull(self, conn):
         """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
@@ -575,6 +585,8 @@ class Server:
                 timers.popleft()  # stale: that connection moved on
             if timers and (soonest is None or timers[0][0] < soonest):
                 soonest = timers[0][0]
+        if self._pending and self._idle:  # watch the busy workers' progress
+            soonest = min(soonest or float("inf"), self._checked + _TICK)
         return None if soonest is None else max(0.0, soonest - time.monotonic())
 
     def _expire(self, sel):
@@ -597,8 +609,10 @@ class Server:
             self._drop(sel, conn)
         sel.close()
         self._sock.close()
-        for _ in self._workers:
-            self._work.put(None)
+        with self._pool_lock:
+            self._workers_stop = True
+            while self._idle:
+                self._idle.pop().release()
         deadline = time.monotonic() + self.config["server.shutdown_timeout"]
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
@@ -608,9 +622,45 @@ class Server:
         self._wake_w.close()
 
     # -- workers -----------------------------------------------------------
-    def _worker(self):
+    # Ready connections wait in _pending.  Idle workers park on their own gate,
+    # on a stack, so the most recently busy thread is woken first.
+    def _dispatch(self, conn):
+        self._pending.append(conn)
+        self._wake_worker(stalled=False)
+
+    def _wake_worker(self, stalled: bool):
+        with self._pool_lock:
+            if self._idle and self._pending and (stalled or self._busy < _BUSY):
+                self._busy += 1
+                self._idle.pop().release()
+
+    def _check_progress(self):
+        """Wake one more worker if the busy ones finished nothing for a tick."""
+        if self._pending and self._idle:
+            now = time.monotonic()
+            if now - self._checked >= _TICK:
+                if self._done == self._done_seen:
+                    self._wake_worker(stalled=True)  # the application is waiting on something
+                self._checked, self._done_seen = now, self._done
+
+    def _next_conn(self, gate):
         while True:
-            conn = self._work.get()
+            try:
+                return self._pending.popleft()
+            except IndexError:
+                pass
+            with self._pool_lock:
+                if self._pending:
+                    continue
+                if getattr(self, "_workers_stop", False):
+                    return None
+                self._busy -= 1
+                self._idle.append(gate)
+            gate.acquire()
+
+    def _worker(self, gate):
+        while True:
+            conn = self._next_conn(gate)
             if conn is None:
                 return
             try:
@@ -631,11 +681,13 @@ class Server:
     def _serve(self, conn) -> bool:
         """Answer requests on ``conn``; True hands it back to the poller."""
         for _ in range(self.config["server.max_pipelined_requests"]):
-            if not _Exchange(self, conn).run() or self._stopping:
+            keep = _Exchange(self, conn).run()
+            self._done += 1
+            if not keep or self._stopping:
                 return False
             try:
                 head = conn.parser.next_event()
-                if head is NEED_DATA and not conn.parser.buffered and self._work.empty():
+                if head is NEED_DATA and not conn.parser.buffered and not self._pending:
                     head = self._linger(conn)  # only when nobody else is waiting for a worker
             except ProtocolError as err:
                 _Exchange(self, conn).fail(err.status, err.message)
@@ -643,7 +695,7 @@ class Server:
             if head is NEED_DATA:
                 return True
             conn.head = head
-        self._work.put(conn)  # fairness: a deep pipeline goes to the back of the queue
+        self._pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
         return _QUEUED
 
     def _linger(self, conn):
