@@ -317,7 +317,7 @@ class Server:
         self._sock, self._thread, self._workers = sock, None, []
         self._conns, self._waiting, self._handback = set(), {}, deque()
         self._timers = {"head": deque(), "keepalive": deque()}
-        self._stopping = False
+        self._stopping = self._sleeping = False
         self._ready = threading.Event()
         self._want = (BlockingIOError, InterruptedError)
         self._access = None
@@ -414,13 +414,17 @@ class Server:
         self._ready.set()
         try:
             while not self._stopping:
-                for key, _ in sel.select(self._next_timeout()):
+                # Workers write to the wake pipe only while we sleep (see _hand_back);
+                # checking _handback after announcing it closes the race.
+                self._sleeping = True
+                events = sel.select(0 if self._handback else self._next_timeout())
+                self._sleeping = False
+                for key, _ in events:
                     if key.data is _ACCEPT:
                         self._accept(sel)
-                    elif key.data is _WAKE:
-                        self._take_back(sel)
-                    else:
+                    elif key.data is not _WAKE:
                         self._readable(sel, key.data)
+                self._take_back(sel)
                 self._expire(sel)
                 self._check_progress()
         finally:
@@ -570,7 +574,7 @@ class Server:
             while self._wake_r.recv(4096):
                 pass
         except self._want:
-            pass
+            pass  # drained (recv on the wake pipe never blocks)
         while self._handback:
             conn = self._handback.popleft()
             if self._stopping:
@@ -674,7 +678,8 @@ class Server:
                 continue
             if keep:
                 self._handback.append(conn)
-                self._wake()
+                if self._sleeping:
+                    self._wake()
             else:
                 self._close(conn)
 
