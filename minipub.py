@@ -2316,6 +2316,9 @@ def _reload_child() -> int:
     threading.Thread(target=_lifeline, args=(chan,), name="minipub-lifeline", daemon=True).start()
     config = make_config(state["config"])
     sys.argv[:] = state["argv"]
+    # A .pyc is trusted when the source's size and mtime in whole seconds match:
+    # two saves within one second would load stale code.  Children never write one.
+    sys.dont_write_bytecode = True
     how, what = state["run"]
     try:
         if how == "target":
