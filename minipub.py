@@ -2133,7 +2133,7 @@ def _how_started() -> list:
 
 class _Child:
     def __init__(self, proc, chan):
-        self.proc, self.chan, self.buffer = proc, chan, b""
+        self.proc, self.chan, self.buffer, self.broken = proc, chan, b"", False
 
 
 class _Supervisor:
@@ -2152,7 +2152,9 @@ class _Supervisor:
         import subprocess
         ours, theirs = socket.socketpair()
         state = {"run": self.run, "argv": sys.argv, "sock": self.sock.fileno(),
-                 "chan": theirs.fileno(), "config": self.config, "fallback": self.current is None}
+                 "chan": theirs.fileno(), "config": self.config,
+                 # nothing good to keep serving: on failure this child serves the error
+                 "fallback": self.current is None or self.current.broken}
         env = dict(os.environ, **{_RELOAD_ENV: json.dumps(state)})
         argv = [sys.executable] + _interpreter_args() + [os.path.abspath(__file__)]
         try:
@@ -2213,9 +2215,10 @@ class _Supervisor:
         self.pending = None
         if msg["error"]:
             _logger().error("reloader: cannot load the application: %s; %s", msg["error"],
-                            "the previous version keeps serving" if self.current and not msg["ready"]
-                            else "serving an error page until it is fixed")
+                            "serving an error page until it is fixed" if msg["ready"]
+                            else "the previous version keeps serving")
         if msg["ready"]:
+            child.broken = bool(msg["error"])
             old, self.current = self.current, child
             if old is not None:
                 old.proc.terminate()  # SIGTERM: stop accepting, finish in-flight requests

@@ -321,14 +321,20 @@ def test_reloader_cli_edit_syntax_error_fix_then_sigterm(tmp_path, reloading):
     assert _get(port, timeout=1.0)[0] is None  # nobody holds the socket any more
 
 
-def test_reloader_first_start_failure_serves_500_until_fixed(tmp_path, reloading):
+@pytest.mark.parametrize("tracebacks", [False, True])
+def test_reloader_first_start_failure_serves_500_until_fixed(tmp_path, reloading, tracebacks):
     app = tmp_path / "app.py"
     _write_app(app, text="import minipub\nclass Root:\n    x = 1 / 0\n")
     proc, port, log = reloading([sys.executable, os.path.join(HERE, "minipub.py"), "app:Root",
-                                 "--reload", "--port", "{port}"])
+                                 "--reload", "--port", "{port}",
+                                 "--request.show_tracebacks", str(tracebacks)])
     status, body = _wait_for(port, lambda status, body: True)
     assert status == 500
-    assert "ZeroDivisionError" in body and "app.py, line 3" in body and "Traceback" not in body
+    assert "ZeroDivisionError" in body and "app.py, line 3" in body
+    assert ("Traceback" in body) == tracebacks
+    _write_app(app, text="import minipub\nclass Root:\n    def index(self:\n")
+    status, body = _wait_for(port, lambda status, body: "SyntaxError" in body)
+    assert status == 500 and "app.py, line 3" in body  # the page shows the latest error
     _write_app(app, "fixed")
     _wait_for(port, lambda status, body: status == 200 and body.startswith("fixed"))
     proc.terminate()
