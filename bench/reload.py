@@ -33,6 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MINIPUB = os.path.join(REPO, "minipub.py")
 PEER_PY = "/work/main/bench/.venv/bin/python"
+# Every idle row runs on one interpreter, the peers' when present: this
+# machine's python3 imports ~5 MB of site .pth extras before any user code.
+PY = PEER_PY if os.path.exists(PEER_PY) else sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 
 APP = '''import minipub
@@ -105,10 +108,10 @@ def stop(proc):
         pass
 
 
-def reloading(workdir, extra_imports=""):
+def reloading(workdir, extra_imports="", python=sys.executable):
     write_app(os.path.join(workdir, "app.py"), "gen0", extra_imports)
     port = free_port()
-    proc = start([sys.executable, MINIPUB, "app:Root", "--reload", "--port", "{port}",
+    proc = start([python, MINIPUB, "app:Root", "--reload", "--port", "{port}",
                   "--log.screen", "false"], workdir, port)
     wait_body(port, lambda body: body == "gen0")
     return proc
@@ -188,7 +191,9 @@ def sample(pids):
 
 
 def ready_and_used(servers):
-    for proc in servers.values():
+    for name, proc in servers.items():
+        if name == "bare interpreter":
+            continue
         deadline = time.monotonic() + 20
         while get(proc.port, 1.0)[0] is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -200,12 +205,14 @@ def idle_servers(workdir):
     """Peers use their installed bytecode (the environment as it is); minipub a warm cache."""
     peer_env = dict(os.environ, PYTHONPATH=REPO)
     servers = {"minipub (python minipub.py)": start(
-                   [sys.executable, MINIPUB, "app:Root", "--port", "{port}", "--log.screen", "false"],
+                   [PY, MINIPUB, "app:Root", "--port", "{port}", "--log.screen", "false"],
                    workdir, free_port()),
                "minipub (python -m minipub)": start(
-                   [sys.executable, "-m", "minipub", "app:Root", "--port", "{port}",
+                   [PY, "-m", "minipub", "app:Root", "--port", "{port}",
                     "--log.screen", "false"], workdir, free_port()),
-               "http.server": start([sys.executable, "-m", "http.server", "{port}", "--bind",
+               "bare interpreter": start([PY, "-c", "import time; time.sleep(600)"], workdir,
+                                         free_port(), peer_env),
+               "http.server": start([PY, "-m", "http.server", "{port}", "--bind",
                                      "127.0.0.1"], workdir, free_port(), peer_env)}
     if os.path.exists(PEER_PY):
         servers["waitress"] = start([PEER_PY, "-m", "waitress", "--host=127.0.0.1",
@@ -234,7 +241,7 @@ def idle_footprint(workdir, seconds):
         "import mod_%03d\n" % i for i in range(299))
     reloader_dir = os.path.join(workdir, "r")
     os.makedirs(reloader_dir)
-    servers["minipub --reload, 300 files"] = reloading(reloader_dir, imports)
+    servers["minipub --reload, 300 files"] = reloading(reloader_dir, imports, PY)
     try:
         ready_and_used(servers)
         time.sleep(1.0)  # let keep-alive and thread hand-offs settle
@@ -270,7 +277,7 @@ def main():
               "%d failed or refused; generations served: %s" % (count, len(failed), ", ".join(gens)))
         for status, detail in failed[:5]:
             print("  failed: %s %s" % (status, detail[:120]))
-        print("idle for %.0f s after 5 requests:" % args.idle)
+        print("idle for %.0f s after 5 requests (%s):" % (args.idle, PY))
         print("  %-28s %9s %12s %7s %8s" % ("server", "processes", "vol. switches", "CPU %", "RSS MB"))
         for name, procs, switches, cpu, rss in idle_footprint(os.path.join(workdir, "c"), args.idle):
             print("  %-28s %9d %12d %7.2f %8.1f" % (name, procs, switches, cpu, rss))
