@@ -2344,12 +2344,23 @@ def _reload_child() -> int:
     return 0
 
 
+def _user_line(exc: BaseException) -> str:
+    """_where() naming the innermost line of the app's own code, not of a library."""
+    import traceback
+    mine = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if _source_files([f.filename]) not in ([], [mine])]
+    if isinstance(exc, SyntaxError) or not frames:
+        return _where(exc)
+    return "%s: %s (%s, line %s)" % (type(exc).__name__, exc, frames[-1].filename, frames[-1].lineno)
+
+
 def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
     cause = exc.__context__ if isinstance(exc, _TargetError) and exc.__context__ else exc
     if isinstance(exc, SystemExit):
         error = "the program exited (status %s) before serving" % (exc.code,)
     else:
-        error = str(exc) if isinstance(exc, _TargetError) else _where(exc)
+        error = str(exc) if isinstance(exc, _TargetError) else _user_line(exc)
     files = _module_files() + _error_files(cause)
     if not fallback:
         _child_send({"ready": False, "error": error, "files": {f: _mtime(f) for f in files}})
