@@ -2046,7 +2046,7 @@ def parse_multipart(req, content_type: str) -> dict:
 # ===========================================================================
 
 _RELOAD_ENV = "MINIPUB_RELOADER"
-_CHILD = None  # in a reloader child: {"chan", "sock", "error", "files"}
+_CHILD = None  # in a reloader child: {"chan", "sock", "error", "files", "ready"}
 
 
 def _mtime(path: str):
@@ -2143,9 +2143,9 @@ class _Supervisor:
         self.config, self.sock, self.run = config, sock, run
         self.poller = Poller(_source_files(config["engine.autoreload.files"]))
         self.children, self.current, self.pending = [], None, None
-        self.stopping, self.respawn = False, False
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_w.setblocking(False)
+        self._stopping, self.respawn = False, False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
 
     def spawn(self):
         import json
@@ -2166,17 +2166,17 @@ class _Supervisor:
 
     def run_forever(self) -> int:
         period = max(self.config["engine.autoreload.frequency"], 0.05)  # 0 would spin
-        restore = self._install_signals()
+        restore = Server._install_signals(self)  # the same handlers: set _stopping, _wake()
         try:
             self.spawn()
             next_poll = time.monotonic() + period
-            while not self.stopping:
-                chans = [self.wake_r] + [c.chan for c in self.children]
+            while not self._stopping:
+                chans = [self._wake_r] + [c.chan for c in self.children]
                 readable = __import__("select").select(
                     chans, [], [], max(0.0, next_poll - time.monotonic()))[0]
                 for child in [c for c in self.children if c.chan in readable]:
                     self.receive(child)
-                if time.monotonic() >= next_poll and not self.stopping:
+                if time.monotonic() >= next_poll and not self._stopping:
                     next_poll = time.monotonic() + period
                     self.tick()
         finally:
@@ -2197,10 +2197,7 @@ class _Supervisor:
 
     def receive(self, child):
         import json
-        try:
-            data = child.chan.recv(65536)
-        except OSError:
-            data = b""
+        data = child.chan.recv(65536)
         if not data:
             return self.reap(child)
         child.buffer += data
@@ -2230,28 +2227,16 @@ class _Supervisor:
         if child is self.pending:
             self.pending = None
             _logger().error("reloader: the new process exited with status %s before it was ready", status)
-        elif child is self.current and not self.stopping:
+        elif child is self.current and not self._stopping:
             self.current, self.respawn = None, True
             _logger().error("reloader: the application process exited with status %s; restarting", status)
 
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        import signal
-
-        def on_signal(signum, frame):
-            self.stopping = True
-            try:
-                self.wake_w.send(b"\0")
-            except OSError:
-                pass
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(s, h) for s, h in old.items()]
+    _wake = Server._wake
 
     def stop_all(self):
         """SIGTERM every child, wait for their in-flight requests, then SIGKILL stragglers."""
         import subprocess
-        self.stopping = True
+        self._stopping = True
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.terminate()
@@ -2263,10 +2248,8 @@ class _Supervisor:
                 child.proc.kill()
                 child.proc.wait()
             child.chan.close()
-        self.children = []
-        self.sock.close()
-        self.wake_r.close()
-        self.wake_w.close()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
 
 
 def _supervise(config: dict, sock, run: list) -> int:
@@ -2375,12 +2358,6 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
     return 0
 
 
-def _child_socket():
-    sock = socket.socket(fileno=_CHILD["sock"])
-    sock.set_inheritable(False)
-    return sock
-
-
 # ===========================================================================
 # Command line, logging and quickstart
 # Contract: ``python minipub.py MODULE:ATTR`` imports the target from the
@@ -2417,7 +2394,7 @@ def quickstart(root, script_name: str = "", config: dict = None) -> None:
 
 def serve(app, config: dict, sock=None) -> None:
     if _CHILD is not None:  # a reloader child: serve on the parent's socket
-        sock = _child_socket()
+        sock = socket.socket(fileno=_CHILD["sock"])
     elif config["engine.autoreload.on"]:
         _supervise(config, sock, _how_started())
         return
