@@ -427,6 +427,7 @@ class Server:
                 self._take_back(sel)
                 self._expire(sel)
                 self._check_progress()
+            self._drain(sel)
         finally:
             self._shutdown(sel)
 
@@ -606,6 +607,25 @@ class Server:
                         self._close(conn)
             if len(timers) > 2 * len(self._waiting) + 64:  # drop stale entries, keep order
                 self._timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
+
+    def _drain(self, sel):
+        """Stop accepting, but answer clients already accepted whose head is on its way.
+
+        A reloader's old child stops while sharing the listening socket with
+        the new one: a connection it accepted just before must still be served.
+        """
+        sel.unregister(self._sock)
+        deadline = time.monotonic() + min(1.0, self.config["server.head_timeout"])
+        while time.monotonic() < deadline:
+            for conn in [c for c, kind in self._waiting.items() if kind == "keepalive"]:
+                self._drop(sel, conn)  # idle between requests: closing is allowed
+            if not self._waiting:
+                return
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                if key.data is _WAKE:
+                    self._take_back(sel)
+                else:
+                    self._readable(sel, key.data)
 
     def _shutdown(self, sel):
         self._stopping = True
@@ -2983,7 +3003,328 @@ class _ClosingBody:
 # Reloader
 # Contract: with engine.autoreload.on a supervising parent owns the listening
 # socket and runs each generation of the application in a child process.
+# The parent polls the files the child reported (modules it loaded outside
+# the standard library and site-packages, plus engine.autoreload.files), one
+# wake-up per engine.autoreload.frequency; the child makes none.  On a change
+# a new child starts on the same socket; only once it has imported the app
+# and says "ready" does the old one get SIGTERM (stop accepting, finish what
+# is in flight, exit), so no connection is ever refused.  A child that fails
+# to import reports file, line and error once; the old child keeps serving,
+# or, if there is none, the failed child serves that error as a 500 page.
+# Reloader off: none of this runs.
 # ===========================================================================
+
+_RELOAD_ENV = "MINIPUB_RELOADER"
+_CHILD = None  # in a reloader child: {"chan", "sock", "error", "files", "ready"}
+
+
+def _mtime(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # deleted (or mid-save): a change too
+    return st.st_mtime_ns, st.st_size
+
+
+class Poller:
+    """The mtimes of a set of files; each step() says which changed since the last."""
+
+    def __init__(self, files=()):
+        self.mtimes = {}
+        self.watch(files)
+
+    def watch(self, files) -> None:
+        """Add paths; a dict also gives each one's _mtime() as seen earlier (by a child)."""
+        for path in files:
+            if path not in self.mtimes:
+                seen = files[path] if isinstance(files, dict) else _mtime(path)
+                self.mtimes[path] = tuple(seen) if seen else None
+
+    def step(self) -> list:
+        changed = []
+        for path, old in self.mtimes.items():
+            new = _mtime(path)
+            if new != old:
+                self.mtimes[path] = new  # replacing a value keeps the dict's size
+                changed.append(path)
+        return changed
+
+
+def _source_files(paths) -> list:
+    """The absolute ``paths`` that are not part of Python or of installed packages."""
+    stdlib = os.path.dirname(os.__file__) + os.sep
+    keep = []
+    for path in paths:
+        if not path or path.startswith("<"):
+            continue  # built-in, frozen or generated code
+        path = os.path.abspath(path)
+        parts = path.split(os.sep)
+        if path.startswith(stdlib) or "site-packages" in parts or "dist-packages" in parts:
+            continue
+        keep.append(path)
+    return keep
+
+
+def _module_files(modules=None) -> list:
+    """Files of the loaded modules worth watching; never walks sys.path."""
+    modules = list(sys.modules.values()) if modules is None else modules
+    return _source_files(getattr(m, "__file__", None) for m in modules)
+
+
+def _error_files(exc: BaseException) -> list:
+    """The files a failed import went through: fixing any of them may fix it."""
+    import traceback
+    paths = [exc.filename] if isinstance(exc, SyntaxError) else []
+    paths += [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+    return _source_files(paths)
+
+
+def _interpreter_args() -> list:
+    """The options this interpreter was started with (-X dev, -W error, -O ...)."""
+    orig = getattr(sys, "orig_argv", None)
+    if orig is None:  # 3.9: rebuilt from sys.flags, sys.warnoptions, sys._xoptions
+        import subprocess
+        return subprocess._args_from_interpreter_flags()
+    options = orig[1:len(orig) - len(sys.argv)]
+    return options[:-1] if options[-1:] == ["-m"] else options
+
+
+def _how_started() -> list:
+    """How a child reruns this program: ["module", name] for -m, else ["path", script]."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return ["module", spec.name]
+    if not getattr(main, "__file__", None):
+        raise ConfigError("engine.autoreload.on needs a script or -m module, not an interactive session")
+    return ["path", os.path.abspath(main.__file__)]
+
+
+class _Child:
+    def __init__(self, proc, chan):
+        self.proc, self.chan, self.buffer, self.broken = proc, chan, b"", False
+
+
+class _Supervisor:
+    """The parent: owns the socket, starts generations, polls, stops them."""
+
+    def __init__(self, config: dict, sock, run: list):
+        self.config, self.sock, self.run = config, sock, run
+        self.poller = Poller(_source_files(config["engine.autoreload.files"]))
+        self.children, self.current, self.pending = [], None, None
+        self._stopping, self.respawn = False, False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+
+    def spawn(self):
+        import json
+        import subprocess
+        ours, theirs = socket.socketpair()
+        state = {"run": self.run, "argv": sys.argv, "sock": self.sock.fileno(),
+                 "chan": theirs.fileno(), "config": self.config,
+                 # nothing good to keep serving: on failure this child serves the error
+                 "fallback": self.current is None or self.current.broken}
+        env = dict(os.environ, **{_RELOAD_ENV: json.dumps(state)})
+        argv = [sys.executable] + _interpreter_args() + [os.path.abspath(__file__)]
+        try:
+            proc = subprocess.Popen(argv, env=env, pass_fds=(self.sock.fileno(), theirs.fileno()))
+        finally:
+            theirs.close()
+        self.pending = _Child(proc, ours)
+        self.children.append(self.pending)
+
+    def run_forever(self) -> int:
+        period = max(self.config["engine.autoreload.frequency"], 0.05)  # 0 would spin
+        restore = Server._install_signals(self)  # the same handlers: set _stopping, _wake()
+        try:
+            self.spawn()
+            next_poll = time.monotonic() + period
+            while not self._stopping:
+                chans = [self._wake_r] + [c.chan for c in self.children]
+                readable = __import__("select").select(
+                    chans, [], [], max(0.0, next_poll - time.monotonic()))[0]
+                for child in [c for c in self.children if c.chan in readable]:
+                    self.receive(child)
+                if time.monotonic() >= next_poll and not self._stopping:
+                    next_poll = time.monotonic() + period
+                    self.tick()
+        finally:
+            self.stop_all()
+            restore()
+        return 0
+
+    def tick(self):
+        changed = self.poller.step()
+        if changed:
+            _logger().info("reloader: %s changed; starting a new process", changed[0])
+            if self.pending is not None:  # still importing older code: replace it
+                self.pending.proc.terminate()
+            self.spawn()
+        elif self.respawn and self.pending is None:
+            self.respawn = False
+            self.spawn()
+
+    def receive(self, child):
+        import json
+        data = child.chan.recv(65536)
+        if not data:
+            return self.reap(child)
+        child.buffer += data
+        while b"\n" in child.buffer:
+            line, _, child.buffer = child.buffer.partition(b"\n")
+            self.message(child, json.loads(line))
+
+    def message(self, child, msg):
+        self.poller.watch(msg["files"])
+        if child is not self.pending:
+            return  # superseded while it was importing; it has been told to stop
+        self.pending = None
+        if msg["error"]:
+            _logger().error("reloader: cannot load the application: %s; %s", msg["error"],
+                            "serving an error page until it is fixed" if msg["ready"]
+                            else "the previous version keeps serving")
+        if msg["ready"]:
+            child.broken = bool(msg["error"])
+            old, self.current = self.current, child
+            if old is not None:
+                old.proc.terminate()  # SIGTERM: stop accepting, finish in-flight requests
+
+    def reap(self, child):
+        child.chan.close()
+        self.children.remove(child)
+        status = child.proc.wait()
+        if child is self.pending:
+            self.pending = None
+            _logger().error("reloader: the new process exited with status %s before it was ready", status)
+        elif child is self.current and not self._stopping:
+            self.current, self.respawn = None, True
+            _logger().error("reloader: the application process exited with status %s; restarting", status)
+
+    _wake = Server._wake
+
+    def stop_all(self):
+        """SIGTERM every child, wait for their in-flight requests, then SIGKILL stragglers."""
+        import subprocess
+        self._stopping = True
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + self.config["server.shutdown_timeout"] + 2.0
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            child.chan.close()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
+
+
+def _supervise(config: dict, sock, run: list) -> int:
+    """Run the reloader's parent on ``sock`` until Ctrl-C or SIGTERM."""
+    if sock is None:
+        sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
+    _logger().info("reloader: watching for changes every %gs", config["engine.autoreload.frequency"])
+    return _Supervisor(config, sock, run).run_forever()
+
+
+def _child_send(msg: dict) -> None:
+    import json
+    _CHILD["chan"].sendall(json.dumps(msg).encode("utf-8") + b"\n")
+
+
+def _child_ready() -> None:
+    """Called by serve() in a child once its server is set up."""
+    files = _module_files() + _CHILD["files"]
+    _child_send({"ready": True, "error": _CHILD["error"], "files": {f: _mtime(f) for f in files}})
+    _CHILD["ready"] = True
+
+
+def _lifeline(chan):
+    # The parent never writes; EOF means it is gone (even SIGKILLed): stop too.
+    try:
+        while chan.recv(1):
+            pass
+    except OSError:
+        pass
+    import signal
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _error_app(message: str, detail: str = None):
+    """A WSGI app answering every request with a 500 page about the failed load."""
+    def app(environ, start_response):
+        start_response("500 Internal Server Error", _ERROR_HEADERS + [("Cache-Control", "no-store")])
+        return [error_page(500, message, detail)]
+    return app
+
+
+def _reload_child() -> int:
+    """A reloader child's entry point: run the program on the parent's socket."""
+    global _CHILD
+    import json
+    state = json.loads(os.environ.pop(_RELOAD_ENV))
+    chan = socket.socket(fileno=state["chan"])
+    chan.set_inheritable(False)  # the app's own subprocesses must not keep it open
+    _CHILD = {"chan": chan, "sock": state["sock"], "error": None, "files": [], "ready": False}
+    threading.Thread(target=_lifeline, args=(chan,), name="minipub-lifeline", daemon=True).start()
+    config = make_config(state["config"])
+    sys.argv[:] = state["argv"]
+    # A .pyc is trusted when the source's size and mtime in whole seconds match:
+    # two saves within one second would load stale code.  Children never write one.
+    sys.dont_write_bytecode = True
+    how, what = state["run"]
+    try:
+        if how == "target":
+            configure_logging(config)
+            serve(load_target(what, config), config)
+        else:
+            import runpy
+            if how == "module":
+                sys.path[0] = os.getcwd()  # what -m puts there
+                runpy.run_module(what, run_name="__main__", alter_sys=True)
+            else:
+                sys.path[0] = os.path.dirname(what)
+                runpy.run_path(what, run_name="__main__")
+    except KeyboardInterrupt:
+        return 130
+    except (Exception, SystemExit) as exc:
+        if _CHILD["ready"]:
+            raise  # it failed after serving: ordinary error handling
+        return _child_failed(exc, config, state["fallback"])
+    return 0
+
+
+def _user_line(exc: BaseException) -> str:
+    """_where() naming the innermost line of the app's own code, not of a library."""
+    import traceback
+    mine = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if _source_files([f.filename]) not in ([], [mine])]
+    if isinstance(exc, SyntaxError) or not frames:
+        return _where(exc)
+    return "%s: %s (%s, line %s)" % (type(exc).__name__, exc, frames[-1].filename, frames[-1].lineno)
+
+
+def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
+    cause = exc.__context__ if isinstance(exc, _TargetError) and exc.__context__ else exc
+    if isinstance(exc, SystemExit):
+        error = "the program exited (status %s) before serving" % (exc.code,)
+    else:
+        error = str(exc) if isinstance(exc, _TargetError) else _user_line(exc)
+    files = _module_files() + _error_files(cause)
+    if not fallback:
+        _child_send({"ready": False, "error": error, "files": {f: _mtime(f) for f in files}})
+        return 1
+    detail = None
+    if config["request.show_tracebacks"]:
+        import traceback
+        detail = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+    _CHILD["error"], _CHILD["files"] = error, files
+    configure_logging(config)
+    serve(_error_app("The application failed to load: %s" % error, detail), config)
+    return 0
 
 
 # ===========================================================================
@@ -3021,9 +3362,16 @@ def quickstart(root, script_name: str = "", config: dict = None) -> None:
 
 
 def serve(app, config: dict, sock=None) -> None:
+    if _CHILD is not None:  # a reloader child: serve on the parent's socket
+        sock = socket.socket(fileno=_CHILD["sock"])
+    elif config["engine.autoreload.on"]:
+        _supervise(config, sock, _how_started())
+        return
     server = Server(app, config["server.socket_host"], config["server.socket_port"],
                     sock=sock, config=config)
     server._prepare()
+    if _CHILD is not None:
+        _child_ready()
     for url in server.urls:
         _logger().info("minipub %s serving on %s", __version__, url)
     server.serve_forever()
@@ -3138,7 +3486,8 @@ def main(argv=None) -> int:
     try:
         config = _cli_config(args)
         configure_logging(config)
-        app = load_target(args.target, config)
+        reload = config["engine.autoreload.on"]  # then only the children import the app
+        app = None if reload else load_target(args.target, config)
         _check_certificates(config)
         sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
     except (ConfigError, _TargetError) as exc:
@@ -3149,6 +3498,8 @@ def main(argv=None) -> int:
             config["server.socket_host"], config["server.socket_port"],
             exc.strerror or exc), file=sys.stderr)
         return 2
+    if reload:
+        return _supervise(config, sock, ["target", args.target])
     serve(app, config, sock)
     return 0
 
@@ -3158,4 +3509,4 @@ if __name__ == "__main__":
     # name too, so the application's ``import minipub`` gets this very module
     # (one ``request`` object), whatever name the vendored copy has.
     sys.modules.setdefault(os.path.splitext(os.path.basename(__file__))[0], sys.modules[__name__])
-    sys.exit(main())
+    sys.exit(_reload_child() if _RELOAD_ENV in os.environ else main())
