@@ -789,8 +789,8 @@ class RequestParser:
             self._scanned = 0
         end = buf.find(b"\r\n\r\n", self._scanned)
         if end < 0:
+            self._check_partial(buf, self._scanned)
             self._scanned = max(0, len(buf) - 3)
-            self._check_partial(buf)
             return NEED_DATA
         block = bytes(buf[:end])
         del buf[:end + 4]
@@ -799,14 +799,18 @@ class RequestParser:
         self._start_body(head)
         return head
 
-    def _check_partial(self, buf):
+    def _check_partial(self, buf, start):
+        # An incomplete head may end in the first byte of a CRLF (line) or in
+        # a CRLF and the first CR of the final CRLF CRLF (fields): not over
+        # the limit yet.  Only bytes new since ``start`` are searched, so a
+        # client sending one byte per segment costs linear, not quadratic, time.
         first = buf.find(b"\r\n")
-        line = len(buf) if first < 0 else first
+        line = len(buf) - 1 if first < 0 else first
         if line > self.max_line:
             raise ProtocolError(414, "Request line too long.")
-        if len(buf) - line > self.max_header:
+        if first >= 0 and len(buf) - first - 5 > self.max_header:
             raise ProtocolError(431, "Request header fields too large.")
-        if b"\n\n" in buf or b"\r\r" in buf:
+        if buf.find(b"\n\n", start) >= 0 or buf.find(b"\r\r", start) >= 0:
             raise ProtocolError(400, "Bare CR or LF in the request head.")
 
     def _start_body(self, head):
@@ -1394,8 +1398,8 @@ class _Exchange:
                 lines.append("Transfer-Encoding: chunked\r\n")
             else:
                 self.close = True  # HTTP/1.0 without a length: the close ends the body
-        if self.server._stopping:
-            self.close = True
+        if self.server._stopping or self.conn.parser.error is not None:
+            self.close = True  # after a framing error nothing more is read: say so
         if self.close:
             lines.append("Connection: close\r\n")
         elif self.head.version == "HTTP/1.0":
@@ -1709,6 +1713,8 @@ class Application:
             body = self.redirect(req, resp, redirect)
         except HTTPError as err:
             body = self.error(resp, err.status, err.message, getattr(err, "headers", None))
+        except (_ClientGone, _Timeout):
+            raise  # the server's business (close, or 408), not a handler bug to log
         except Exception:
             _logger().exception("Error in handler for %s %s", req.method, req.path)
             detail = None
