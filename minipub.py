@@ -946,12 +946,15 @@ class RequestParser:
         return head
 
     def _check_partial(self, buf, start):
-        """Limits on an incomplete head; only bytes after ``start`` are new."""
+        # An incomplete head may end in the first byte of a CRLF (line) or in
+        # a CRLF and the first CR of the final CRLF CRLF (fields): not over
+        # the limit yet.  Only bytes new since ``start`` are searched, so a
+        # client sending one byte per segment costs linear, not quadratic, time.
         first = buf.find(b"\r\n", 0, self.max_line + 2)
-        line = len(buf) if first < 0 else first
+        line = len(buf) - 1 if first < 0 else first
         if line > self.max_line:
             raise ProtocolError(414, "Request line too long.")
-        if len(buf) - line > self.max_header:
+        if first >= 0 and len(buf) - first - 5 > self.max_header:
             raise ProtocolError(431, "Request header fields too large.")
         if buf.find(b"\n\n", start) >= 0 or buf.find(b"\r\r", start) >= 0:
             raise ProtocolError(400, "Bare CR or LF in the request head.")
@@ -1539,8 +1542,8 @@ class _Exchange:
                 lines.append("Transfer-Encoding: chunked\r\n")
             else:
                 self.close = True  # HTTP/1.0 without a length: the close ends the body
-        if self.server._stopping or self.unread_body_too_big():
-            self.close = True
+        if self.server._stopping or self.conn.parser.error is not None or self.unread_body_too_big():
+            self.close = True  # stopping, after a framing error, or a body we will not drain
         if self.close:
             lines.append("Connection: close\r\n")
         elif self.head.version == "HTTP/1.0":
