@@ -239,15 +239,8 @@ class _Timeout(Exception):
 # ===========================================================================
 
 _ACCEPT, _WAKE, _QUEUED = object(), object(), object()
-# With the GIL, Python code runs one thread at a time: waking more workers than
-# this for ready connections only makes them take turns (more futex traffic,
-# worse tail latency).  More are woken when these stop making progress.
-_BUSY = 2
-_TICK = 0.002  # how often the poller checks that busy workers make progress
-# Keep-alive clients usually send their next request within microseconds of
-# reading a response; a worker waits this long for it before handing the
-# connection back, which saves two thread hand-offs per request under load.
-_LINGER = 0.0015
+_TICK = 0.002  # how often the watchdog checks that the serving threads make progress
+_QUIET = 100   # ticks without traffic before the watchdog sleeps until the next request
 _RECV = 256 * KiB
 _DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
 
@@ -314,11 +307,14 @@ class Server:
         self.config = make_config(overrides)
         self.app, self.host, self.port = app, host, port
         self.ssl_context = ssl_context
-        self._sock, self._thread, self._workers = sock, None, []
+        self._sock, self._thread, self._workers, self._sel = sock, None, [], None
         self._conns, self._waiting, self._handback = set(), {}, deque()
         self._timers = {"head": deque(), "keepalive": deque()}
-        self._stopping = self._sleeping = False
-        self._ready = threading.Event()
+        self._stopping = self._sleeping = self._exiting = self._watch_parked = False
+        self._ready, self._watch_event = threading.Event(), threading.Event()
+        self._pending, self._idle = deque(), []
+        self._pool_lock, self._poll_lock = threading.Lock(), threading.Lock()
+        self._polls = self._done = 0
         self._want = (BlockingIOError, InterruptedError)
         self._access = None
 
@@ -326,17 +322,18 @@ class Server:
     def start(self) -> "Server":
         """Bind and serve in a background thread; returns once accepting."""
         self._prepare()
-        self._thread = threading.Thread(target=self._loop, name="minipub-poller", daemon=True)
+        self._launch()
+        self._thread = threading.Thread(target=self._supervise, name="minipub-watch", daemon=True)
         self._thread.start()
-        self._ready.wait()
         return self
 
     def serve_forever(self) -> None:
         """Serve in this thread until stop(), Ctrl-C or SIGTERM."""
         self._prepare()
+        self._launch()
         restore = self._install_signals()
         try:
-            self._loop()
+            self._supervise()
         finally:
             restore()
 
@@ -344,6 +341,7 @@ class Server:
         """Stop accepting, let in-flight requests finish, close everything."""
         self._stopping = True
         self._wake()
+        self._watch_event.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -367,8 +365,8 @@ class Server:
         return [url(self.host.strip("[]") or bound)]
 
     def _prepare(self):
-        if self._workers:
-            return  # already bound and staffed (serve() prepares early to print its URLs)
+        if self._sel is not None:
+            return  # already bound (serve() prepares early to print its URLs)
         if self.ssl_context is None and self.config["server.ssl_certificate"]:
             self.ssl_context = make_ssl_context(self.config)
         if self.ssl_context is not None:
@@ -382,18 +380,22 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._pending, self._idle, self._pool_lock = deque(), [], threading.Lock()
-        self._busy = self.config["server.thread_pool"]
-        self._done = self._done_seen = self._checked = 0
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._sock, selectors.EVENT_READ, _ACCEPT)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         access = _logger("access")
         if access.isEnabledFor(20) and (access.handlers or not access.propagate):
             self._access = access.info
+
+    def _launch(self):
+        """Start the workers: serving begins (after serve() has logged and reported ready)."""
         for i in range(self.config["server.thread_pool"]):
             gate = threading.Lock()
             gate.acquire()
-            worker = threading.Thread(target=self._worker, args=(gate,), name="minipub-%d" % i, daemon=True)
+            worker = threading.Thread(target=self._run, args=(gate,), name="minipub-%d" % i, daemon=True)
             worker.start()
             self._workers.append(worker)
+        self._ready.set()
 
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
@@ -403,33 +405,62 @@ class Server:
         def on_signal(signum, frame):
             self._stopping = True
             self._wake()
+            if hasattr(self, "_watch_event"):
+                self._watch_event.set()
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in old.items()]
 
-    # -- the poller --------------------------------------------------------
-    def _loop(self):
-        sel = selectors.DefaultSelector()
-        sel.register(self._sock, selectors.EVENT_READ, _ACCEPT)
-        sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-        self._ready.set()
-        try:
-            while not self._stopping:
-                # Workers write to the wake pipe only while we sleep (see _hand_back);
-                # checking _handback after announcing it closes the race.
-                self._sleeping = True
-                events = sel.select(0 if self._handback else self._next_timeout())
-                self._sleeping = False
-                for key, _ in events:
-                    if key.data is _ACCEPT:
-                        self._accept(sel)
-                    elif key.data is not _WAKE:
-                        self._readable(sel, key.data)
-                self._take_back(sel)
-                self._expire(sel)
-                self._check_progress()
-            self._drain(sel)
-        finally:
-            self._shutdown(sel)
+    # -- the poll role ------------------------------------------------------
+    def _poll_round(self, cap: float = None):
+        """One select() (at most ``cap`` long) and what it found; the caller holds _poll_lock."""
+        self._polls += 1
+        if self._stopping:
+            return self._stop_round()
+        timeout = 0 if self._handback else self._next_timeout()
+        if cap is not None:
+            timeout = cap if timeout is None else min(cap, timeout)
+        # Serving threads write to the wake pipe only while we sleep (see
+        # _give_back); checking _handback after announcing it closes the race.
+        self._sleeping = True
+        events = self._sel.select(timeout)
+        self._sleeping = False
+        if self._watch_parked:
+            self._watch_event.set()  # traffic again: the watchdog resumes its ticks
+        for key, _ in events:
+            if key.data is _ACCEPT:
+                self._accept(self._sel)
+            elif key.data is not _WAKE:
+                self._readable(self._sel, key.data)
+        self._take_back(self._sel)
+        self._expire(self._sel)
+
+    # -- the watchdog ------------------------------------------------------
+    def _supervise(self):
+        """Tick while there is traffic; wake a parked worker when the serving ones stall."""
+        quiet, seen = 0, None
+        while not self._stopping:
+            if quiet >= _QUIET:
+                self._watch_event.clear()
+                self._watch_parked = True
+                if self._sleeping and not self._pending and not self._stopping:
+                    self._watch_event.wait()  # idle: no periodic wake-ups
+                self._watch_parked, quiet = False, 0
+            else:
+                time.sleep(_TICK)
+            quiet = quiet + 1 if self._sleeping and not self._pending else 0
+            if (self._polls, self._done) == seen and not self._sleeping and not self._wake_one():
+                self._poll_for_busy_workers()
+            seen = (self._polls, self._done)
+        self._finish()
+
+    def _poll_for_busy_workers(self):
+        """Every worker is inside the application: keep accepting and reading heads."""
+        if self._poll_lock.acquire(blocking=False):
+            try:
+                self._poll_round(cap=_TICK)
+            finally:
+                self._poll_lock.release()
+            self._wake_one()  # a worker that finished meanwhile parked: the poll role is its
 
     def _wake(self):
         try:
@@ -502,7 +533,7 @@ class Server:
         if outcome is None:
             self._close(conn)
         else:
-            self._dispatch(conn)
+            self._pending.append(conn)  # this thread serves it once its poll round ends
 
     def _pull(self, conn):
         """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
@@ -580,8 +611,15 @@ class Server:
             conn = self._handback.popleft()
             if self._stopping:
                 self._close(conn)
-            else:  # the next request has often arrived already: read before registering
-                self._readable(sel, conn, "keepalive")
+            else:
+                self._rewait(sel, conn)
+
+    def _rewait(self, sel, conn):
+        """A served keep-alive connection waits for its next request."""
+        if conn.tls and conn.sock.pending():
+            self._readable(sel, conn, "keepalive")  # decrypted bytes select() cannot see
+        else:
+            self._wait(sel, conn, "head" if conn.parser.buffered else "keepalive")
 
     def _next_timeout(self):
         soonest = None
@@ -590,8 +628,6 @@ class Server:
                 timers.popleft()  # stale: that connection moved on
             if timers and (soonest is None or timers[0][0] < soonest):
                 soonest = timers[0][0]
-        if self._pending and self._idle:  # watch the busy workers' progress
-            soonest = min(soonest or float("inf"), self._checked + _TICK)
         return None if soonest is None else max(0.0, soonest - time.monotonic())
 
     def _expire(self, sel):
@@ -608,100 +644,123 @@ class Server:
             if len(timers) > 2 * len(self._waiting) + 64:  # drop stale entries, keep order
                 self._timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
 
-    def _drain(self, sel):
+    def _stop_round(self):
         """Stop accepting, but answer clients already accepted whose head is on its way.
 
         A reloader's old child stops while sharing the listening socket with
         the new one: a connection it accepted just before must still be served.
         """
-        sel.unregister(self._sock)
-        deadline = time.monotonic() + min(1.0, self.config["server.head_timeout"])
-        while time.monotonic() < deadline:
-            for conn in [c for c, kind in self._waiting.items() if kind == "keepalive"]:
-                self._drop(sel, conn)  # idle between requests: closing is allowed
-            if not self._waiting:
-                return
-            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
-                if key.data is _WAKE:
-                    self._take_back(sel)
-                else:
+        sel = self._sel
+        if not hasattr(self, "_drain_until"):
+            sel.unregister(self._sock)
+            self._drain_until = time.monotonic() + min(1.0, self.config["server.head_timeout"])
+        for conn in [c for c, kind in self._waiting.items() if kind == "keepalive"]:
+            self._drop(sel, conn)  # idle between requests: closing is allowed
+        left = self._drain_until - time.monotonic()
+        if self._waiting and left > 0:
+            for key, _ in sel.select(left):
+                if key.data is not _WAKE:
                     self._readable(sel, key.data)
-
-    def _shutdown(self, sel):
-        self._stopping = True
+            return self._take_back(sel)
         for conn in list(self._waiting):
             self._drop(sel, conn)
-        sel.close()
-        self._sock.close()
         with self._pool_lock:
-            self._workers_stop = True
+            self._exiting = True
             while self._idle:
                 self._idle.pop().release()
+
+    def _finish(self):
+        """After stop: drain, wait for the workers (shutdown_timeout), then close everything."""
+        self._wake()
         deadline = time.monotonic() + self.config["server.shutdown_timeout"]
+        while not self._exiting and time.monotonic() < deadline:
+            if self._poll_lock.acquire(timeout=_TICK):  # drive the drain if no worker does
+                try:
+                    self._poll_round()
+                finally:
+                    self._poll_lock.release()
+        with self._pool_lock:
+            self._exiting = True
+            while self._idle:
+                self._idle.pop().release()
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         for conn in list(self._conns):  # stragglers past the deadline
             self._close(conn)
+        if self._poll_lock.acquire(timeout=1.0):
+            self._sel.close()
+        self._sock.close()
         self._wake_r.close()
         self._wake_w.close()
 
     # -- workers -----------------------------------------------------------
-    # Ready connections wait in _pending.  Idle workers park on their own gate,
-    # on a stack, so the most recently busy thread is woken first.
-    def _dispatch(self, conn):
-        self._pending.append(conn)
-        self._wake_worker(stalled=False)
-
-    def _wake_worker(self, stalled: bool):
-        with self._pool_lock:
-            if self._idle and self._pending and (stalled or self._busy < _BUSY):
-                self._busy += 1
-                self._idle.pop().release()
-
-    def _check_progress(self):
-        """Wake one more worker if the busy ones finished nothing for a tick."""
-        if self._pending and self._idle:
-            now = time.monotonic()
-            if now - self._checked >= _TICK:
-                if self._done == self._done_seen:
-                    self._wake_worker(stalled=True)  # the application is waiting on something
-                self._checked, self._done_seen = now, self._done
-
-    def _next_conn(self, gate):
+    # Leader/followers: the thread holding _poll_lock polls; connections found
+    # ready go to _pending, and the same thread then serves them itself, so a
+    # request usually needs no hand-off between threads.  A thread finding the
+    # poll role taken and nothing pending parks on its own gate (a stack: the
+    # most recently busy thread is woken first).  Parked threads are woken only
+    # by the watchdog, when the serving threads stall (an application waiting
+    # on something), so with the GIL at most as many threads run as are needed.
+    def _run(self, gate):
         while True:
             try:
-                return self._pending.popleft()
+                conn = self._pending.popleft()
             except IndexError:
-                pass
-            with self._pool_lock:
-                if self._pending:
-                    continue
-                if getattr(self, "_workers_stop", False):
-                    return None
-                self._busy -= 1
-                self._idle.append(gate)
-            gate.acquire()
-
-    def _worker(self, gate):
-        while True:
-            conn = self._next_conn(gate)
-            if conn is None:
+                conn = None
+            if conn is not None:
+                self._serve_conn(conn)
+            elif self._exiting:
                 return
-            try:
-                keep = self._serve(conn)
-            except _ClientGone:
-                keep = False
-            except Exception:  # a bug in minipub itself: never let a worker die
-                _logger().exception("internal error serving %s", conn.addr)
-                keep = False
-            if keep is _QUEUED:
-                continue
-            if keep:
-                self._handback.append(conn)
-                if self._sleeping:
-                    self._wake()
+            elif self._poll_lock.acquire(blocking=False):
+                try:
+                    if not self._exiting:
+                        self._poll_round()
+                finally:
+                    self._poll_lock.release()
             else:
-                self._close(conn)
+                self._park(gate)
+
+    def _park(self, gate):
+        with self._pool_lock:
+            if self._pending or self._exiting or not self._poll_lock.locked():
+                return  # there is work, or the poll role is free
+            self._idle.append(gate)
+        gate.acquire()
+
+    def _wake_one(self) -> bool:
+        with self._pool_lock:
+            if self._idle:
+                self._idle.pop().release()
+                return True
+        return False
+
+    def _serve_conn(self, conn):
+        try:
+            keep = self._serve(conn)
+        except _ClientGone:
+            keep = False
+        except Exception:  # a bug in minipub itself: never let a worker die
+            _logger().exception("internal error serving %s", conn.addr)
+            keep = False
+        if keep is True:
+            self._give_back(conn)
+        elif keep is False:
+            self._close(conn)
+
+    def _give_back(self, conn):
+        """A keep-alive connection returns to the poll role, directly if it is free."""
+        if self._poll_lock.acquire(blocking=False):
+            try:
+                if self._stopping:
+                    self._close(conn)
+                else:
+                    self._rewait(self._sel, conn)
+            finally:
+                self._poll_lock.release()
+        else:
+            self._handback.append(conn)
+            if self._sleeping:
+                self._wake()
 
     def _serve(self, conn) -> bool:
         """Answer requests on ``conn``; True hands it back to the poller."""
@@ -712,8 +771,6 @@ class Server:
                 return False
             try:
                 head = conn.parser.next_event()
-                if head is NEED_DATA and not conn.parser.buffered and not self._pending:
-                    head = self._linger(conn)  # only when nobody else is waiting for a worker
             except ProtocolError as err:
                 _Exchange(self, conn).fail(err.status, err.message)
                 return False
@@ -722,13 +779,6 @@ class Server:
             conn.head = head
         self._pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
         return _QUEUED
-
-    def _linger(self, conn):
-        try:
-            self.recv(conn, _LINGER)
-        except _Timeout:
-            return NEED_DATA
-        return conn.parser.next_event()
 
     # Worker I/O.  Sockets stay non-blocking for their whole life: an operation
     # is tried first and waited for only when it would block, which saves the
