@@ -227,15 +227,19 @@ class _Timeout(Exception):
 
 # ===========================================================================
 # Server: accept, poll, workers
-# Contract: all socket I/O lives in this section.  One poller thread owns the
+# Contract: all socket I/O lives in this section.  A bounded pool of worker
+# threads shares one selector.  The worker holding the poll role owns the
 # listening socket and every connection that is *waiting*: for its TLS
 # handshake, for the rest of its request head, or idle between keep-alive
-# requests.  It never blocks on a client, so slow or silent clients cost a
-# file descriptor, not a thread.  When a head is complete the connection goes
-# to a bounded pool of worker threads, which read the body (wsgi.input), run
-# the WSGI application and write the response, then hand the connection back
-# to the poller or close it.  With nothing to do the poller sleeps in select()
-# without a timeout: an idle server makes no periodic wake-ups.
+# requests; it never blocks on a client, so slow or silent clients cost a file
+# descriptor, not a thread.  Connections whose head is complete go to a queue,
+# which the same worker then serves (body, WSGI application, response) before
+# polling again: under the GIL a request that never changes threads is the
+# fastest.  A watchdog ticks while there is traffic and wakes another worker
+# when the serving ones stop making progress (an application waiting on
+# something), so up to server.thread_pool requests run at once.  With nothing
+# to do one worker sleeps in select() without a timeout and the watchdog
+# sleeps too: an idle server makes no periodic wake-ups.
 # ===========================================================================
 
 _ACCEPT, _WAKE, _QUEUED = object(), object(), object()
