@@ -298,6 +298,24 @@ def test_idle_server_sleeps_without_timeout(serve):
     assert sum(n.startswith("minipub-") for n in names) == server.config["server.thread_pool"] + 1
 
 
+def test_blocking_handlers_run_concurrently_up_to_the_pool(serve):
+    """A handler waiting on something does not hold up the others: the watchdog wakes more workers."""
+    barrier = threading.Barrier(6, timeout=5)  # five requests and this test
+
+    def waits(environ, start_response):
+        barrier.wait()  # returns only once all five are inside the application at the same time
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"together"]
+    server = serve(waits, thread_pool=5)
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(
+        exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))) for _ in range(5)]
+    [c.start() for c in clients]
+    barrier.wait()
+    [c.join(10) for c in clients]
+    assert [responses(r)[0][2] for r in results] == [b"together"] * 5
+
+
 def test_stop_finishes_in_flight_requests_and_leaks_no_threads(serve):
     before = threading.active_count()
     release, entered = threading.Event(), threading.Event()
