@@ -3277,8 +3277,15 @@ def test_hostile_keepalive_idle_timeout(serve):
     assert 0.25 < time.monotonic() - start < 3
 
 
-def test_hostile_slow_body_gets_408(serve):
-    server = serve(hello_app, socket_timeout=0.3, min_body_rate=1000)
+class _Upload:
+    @minipub.expose
+    def index(self):
+        return "hello " + minipub.request.body.read().decode()
+
+
+@pytest.mark.parametrize("app", [hello_app, minipub.Application(_Upload())], ids=["wsgi", "framework"])
+def test_hostile_slow_body_gets_408(serve, app):
+    server = serve(app, socket_timeout=0.3, min_body_rate=1000)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
     start, raw = time.monotonic(), b""
@@ -3518,7 +3525,7 @@ else:
             assert isinstance(event, (minipub.RequestHead, bytes)) or event is minipub.END_OF_MESSAGE
 
 
-    @settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=1000, deadline=500, suppress_health_check=[HealthCheck.too_slow])
     @given(data=_requests(), step=st.sampled_from([None, 1, 3]), tail=st.binary(max_size=40))
     def test_hostile_fuzz_parser_events_or_protocol_error(data, step, tail):
         _fuzz_once(data, step)
