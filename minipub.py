@@ -2072,7 +2072,10 @@ def _mount(environ, script_name) -> bool:
 
 def absolute_url(req, url: str) -> str:
     """``url`` resolved against the request; '//host' and '/\\host' count as external."""
-    from urllib.parse import urljoin
+    from urllib.parse import quote, urljoin
+    # Non-ASCII (e.g. '/日本') is percent-encoded as UTF-8; CR, LF and other
+    # controls are left as they are, so the header check refuses them loudly.
+    url = quote(url, safe="".join(map(chr, range(0x80))))
     if url[:2].replace("\\", "/") == "//":
         # Browsers read '/\host' as '//host'; treat both as the other host they
         # name, so what the server checks is what the browser follows.

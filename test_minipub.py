@@ -768,6 +768,7 @@ def test_errors_escape_reflected_input_and_hide_tracebacks():
     ("https://other.example/z", "https://other.example/z"),
     ("//evil.example/p", "http://evil.example/p"),
     ("/\\evil.example/p", "http://evil.example/p"),
+    ("/日本?q=é", "http://127.0.0.1/%E6%97%A5%E6%9C%AC?q=%C3%A9"),
 ])
 def test_redirects_are_absolute(target, location):
     status, headers, _ = call_app(DISPATCH, path="/go", query="to=" + urllib.request.quote(target))
