@@ -2665,16 +2665,15 @@ _ENCODED_SLASH = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 
 def _content_type(path: str) -> str:
     import mimetypes
-    ext = os.path.splitext(path)[1].lower()
     ctype, encoding = mimetypes.guess_type(path)
-    ctype = _WEB_TYPES.get(ext) or ctype
+    ctype = _WEB_TYPES.get(os.path.splitext(path)[1].lower(), ctype)
     if encoding or not ctype:  # x.tar.gz is gzip data, not a tar file
         return "application/gzip" if encoding == "gzip" else "application/octet-stream"
     return ctype + "; charset=utf-8" if ctype.startswith(_TEXTUAL) else ctype
 
 
 def _http_time(value):
-    """Seconds since the epoch of an HTTP-date, or None if it is not one."""
+    """Seconds since the epoch of an HTTP-date; None if it is absent or not one."""
     from email.utils import parsedate_to_datetime
     try:
         return parsedate_to_datetime(value).timestamp()
@@ -2684,40 +2683,34 @@ def _http_time(value):
 
 def _etag_in(header: str, etag: str, weak: bool) -> bool:
     tags = [t.strip(" \t") for t in header.split(",")]
-    if weak:
-        tags = [t[2:] if t.startswith("W/") else t for t in tags]
+    tags = [t[2:] if weak and t.startswith("W/") else t for t in tags]
     return "*" in tags or etag in tags
 
 
-def _precondition(req, etag: str, mtime: int):
-    """RFC 9110 13.2.2 evaluation order: 412, 304 or None (go on)."""
-    get = req.method in ("GET", "HEAD")
-    match, unmodified = req.headers.get("If-Match"), req.headers.get("If-Unmodified-Since")
-    if match is not None:
-        if not _etag_in(match, etag, weak=False):  # If-Match uses the strong comparison
-            return 412
-    elif unmodified is not None and mtime > (_http_time(unmodified) or float("inf")):
-        return 412
-    none_match, since = req.headers.get("If-None-Match"), req.headers.get("If-Modified-Since")
-    if none_match is not None:
-        if _etag_in(none_match, etag, weak=True):
-            return 304 if get else 412
-    elif since is not None and get and mtime <= (_http_time(since) or -1.0):
-        return 304
-    return None
+def _precondition(req, etag: str, mtime: int) -> bool:
+    """RFC 9110 13.2.2 evaluation order: raise 412, or True for a 304."""
+    get, headers = req.method in ("GET", "HEAD"), req.headers
+    if "If-Match" in headers:
+        failed = not _etag_in(headers["If-Match"], etag, weak=False)  # the strong comparison
+    else:
+        failed = mtime > (_http_time(headers.get("If-Unmodified-Since")) or float("inf"))
+    if "If-None-Match" in headers:
+        matched = _etag_in(headers["If-None-Match"], etag, weak=True)
+    else:
+        matched = get and mtime <= (_http_time(headers.get("If-Modified-Since")) or -1.0)
+    if failed or (matched and not get):
+        raise HTTPError(412, "Precondition failed.")
+    return matched
 
 
 def _byte_range(req, size: int, etag: str, last_modified: str):
-    """(offset, length) of a single satisfiable Range, None for the whole file; 416 raises."""
-    header = req.headers.get("Range")
-    if header is None or req.method != "GET":
-        return None
-    if_range = req.headers.get("If-Range")
-    if if_range is not None and if_range not in (etag, last_modified):
-        return None  # RFC 9110 13.1.5: the representation changed, send all of it
+    """(offset, length) to send: one satisfiable Range makes a 206; 416 raises."""
+    header, if_range = req.headers.get("Range"), req.headers.get("If-Range")
+    if header is None or req.method != "GET" or if_range not in (None, etag, last_modified):
+        return 0, size  # RFC 9110 13.1.5: a failed If-Range means it changed, send all of it
     match = _RANGE.fullmatch(header.replace(" ", ""))
     if match is None or match.groups() == ("", ""):
-        return None  # several ranges or an unknown unit: a 200 is a valid answer
+        return 0, size  # several ranges or an unknown unit: a 200 is a valid answer
     first, last = match.groups()
     if first:
         start, end = int(first), min(int(last), size - 1) if last else size - 1
@@ -2727,16 +2720,19 @@ def _byte_range(req, size: int, etag: str, last_modified: str):
         err = HTTPError(416, "Range not satisfiable.")
         err.headers = [("Content-Range", "bytes */%d" % size)]
         raise err
+    response.status = 206
+    response.headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
+    response.headers["Content-Length"] = end - start + 1
     return start, end - start + 1
 
 
 def serve_file(path: str, content_type: str = None, disposition: str = None, *,
                cache_control: str = None):
-    """Answer with the file at ``path``: validators, 304/412, one Range, HEAD.
+    """Answer with the file at ``path`` as a FileWrapper: validators, 304/412, one Range, HEAD.
 
-    ``disposition`` is "attachment" or "inline" (a Content-Disposition naming
-    the file).  The result is a FileWrapper, sent with sendfile() when possible.
+    ``disposition`` ("attachment" or "inline") adds a Content-Disposition naming the file.
     """
+    import stat as modes
     try:
         file = open(path, "rb")
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -2744,46 +2740,30 @@ def serve_file(path: str, content_type: str = None, disposition: str = None, *,
     except PermissionError:
         raise HTTPError(403) from None
     try:
-        import stat as modes
         stat = os.fstat(file.fileno())
         if not modes.S_ISREG(stat.st_mode):
             raise NotFound()
-        return _file_response(file, path, stat, content_type, disposition, cache_control)
+        mtime, size, headers = int(stat.st_mtime), stat.st_size, response.headers
+        etag, last_modified = '"%x-%x"' % (stat.st_mtime_ns, size), http_date(mtime)
+        # A 304 also gets Content-Length: "the size a 200 would have" (RFC 9110 8.6).
+        headers.update([("ETag", etag), ("Last-Modified", last_modified), ("Accept-Ranges", "bytes"),
+                        ("X-Content-Type-Options", "nosniff"), ("Content-Length", size)])
+        if cache_control:
+            headers["Cache-Control"] = cache_control
+        if _precondition(request, etag, mtime):
+            response.status = 304
+            file.close()
+            return None
+        headers["Content-Type"] = content_type or _content_type(path)
+        if disposition:
+            from urllib.parse import quote
+            name = os.path.basename(path)
+            headers["Content-Disposition"] = '%s; filename="%s"; filename*=UTF-8\'\'%s' % (
+                disposition, re.sub(r'[^\x20-\x7e]|["\\]', "_", name), quote(name, safe=""))
+        return FileWrapper(file, 256 * KiB, *_byte_range(request, size, etag, last_modified))
     except BaseException:
         file.close()
         raise
-
-
-def _file_response(file, path, stat, content_type, disposition, cache_control):
-    mtime, size = int(stat.st_mtime), stat.st_size
-    etag, last_modified = '"%x-%x"' % (stat.st_mtime_ns, size), http_date(mtime)
-    headers = response.headers
-    headers.update([("ETag", etag), ("Last-Modified", last_modified), ("Accept-Ranges", "bytes"),
-                    ("X-Content-Type-Options", "nosniff")])
-    if cache_control:
-        headers["Cache-Control"] = cache_control
-    outcome = _precondition(request, etag, mtime)
-    if outcome == 412:
-        raise HTTPError(412, "Precondition failed.")
-    if outcome == 304:
-        response.status = 304
-        headers["Content-Length"] = size  # RFC 9110 8.6: only the size a 200 would have
-        file.close()
-        return None
-    headers["Content-Type"] = content_type or _content_type(path)
-    if disposition:
-        from urllib.parse import quote
-        name = os.path.basename(path)
-        headers["Content-Disposition"] = '%s; filename="%s"; filename*=UTF-8\'\'%s' % (
-            disposition, re.sub(r'[^\x20-\x7e]|["\\]', "_", name), quote(name, safe=""))
-    span = _byte_range(request, size, etag, last_modified)
-    if span is None:
-        headers["Content-Length"] = size
-        return FileWrapper(file, 256 * KiB, 0, size)
-    response.status = 206
-    headers["Content-Range"] = "bytes %d-%d/%d" % (span[0], span[0] + span[1] - 1, size)
-    headers["Content-Length"] = span[1]
-    return FileWrapper(file, 256 * KiB, span[0], span[1])
 
 
 class StaticDir:
@@ -2802,12 +2782,8 @@ class StaticDir:
         self._root = os.path.realpath(root_dir)
         self._index, self._follow, self._cache = index, follow_symlinks, cache_control
 
-    def __call__(self, *segments, **params):
+    def GET(self, *segments, **params):  # and HEAD; other methods get 405 with Allow: GET, HEAD
         req = request
-        if req.method not in ("GET", "HEAD"):
-            err = HTTPError(405, "Static files are read-only.")
-            err.headers = [("Allow", "GET, HEAD")]
-            raise err
         path = self._resolve(req, segments)
         if os.path.isdir(path):
             if not req.path_info.endswith("/"):
@@ -2826,13 +2802,11 @@ class StaticDir:
         raw = (match.group(3) if match else raw).partition("?")[0]
         if _ENCODED_SLASH.search(raw):
             raise HTTPError(403, "Encoded separators are not allowed.")
-        for segment in segments:
-            if segment in ("", ".", "..") or any(c in segment for c in "\\:\0"):
-                raise HTTPError(403, "Invalid path segment.")
+        if any(s in ("", ".", "..") or re.search(r"[\\:\0]", s) for s in segments):
+            raise HTTPError(403, "Invalid path segment.")
         path = os.path.join(self._root, *segments)
         real = os.path.realpath(path)
-        inside = real == self._root or real.startswith(self._root + os.sep)
-        if not inside and not self._follow:
+        if not self._follow and os.path.commonpath((real, self._root)) != self._root:
             raise HTTPError(403, "This link leads outside the static directory.")
         return path if self._follow else real
 
@@ -2840,7 +2814,6 @@ class StaticDir:
 # -- uploads (multipart/form-data, streamed) ----------------------------------
 
 _BLOCK = 256 * KiB  # the body is read in blocks of this size, never by lines
-_PART_HEAD_MAX = 16 * KiB
 _PARAM = re.compile(r';[ \t]*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^; \t]*)[ \t]*')
 
 
@@ -2864,9 +2837,8 @@ class Part:
         if self._temp is None and self.size + len(data) > self._spool:
             import tempfile
             fd, self._temp = tempfile.mkstemp(prefix="minipub-upload-")
-            disk = os.fdopen(fd, "w+b")
-            disk.write(self.file.getbuffer())
-            self.file = disk
+            memory, self.file = self.file, os.fdopen(fd, "w+b")
+            self.file.write(memory.getbuffer())
         self.file.write(data)
         self.size += len(data)
 
@@ -2891,12 +2863,9 @@ class Part:
     def close(self) -> None:
         """Close the content and delete its temporary file (done when the request ends)."""
         self.file.close()
-        temp, self._temp = self._temp, None
-        if temp is not None:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
+        if self._temp is not None:
+            os.unlink(self._temp)
+            self._temp = None
 
 
 class _Blocks:
@@ -2912,64 +2881,65 @@ class _Blocks:
                 raise HTTPError(400, "The multipart body ended early.")
             self.buf += block
 
-    def until(self, marker: bytes, sink, limit: int = -1, error: HTTPError = None) -> None:
+    def until(self, marker: bytes, sink=None, limit: int = -1, error: HTTPError = None) -> None:
         """Feed the bytes before ``marker`` to ``sink`` (None discards), then drop the marker."""
-        buf, keep, fed = self.buf, len(marker) - 1, 0
+        buf, fed = self.buf, 0
         while True:
-            at = buf.find(marker)  # what is left of the last block is shorter than ``marker``
-            n = at if at >= 0 else len(buf) - keep
+            at = buf.find(marker)  # else keep a tail that may be the start of ``marker``
+            n = at if at >= 0 else max(0, len(buf) - len(marker) + 1)
             if 0 <= limit < fed + n:
                 raise error
-            if n > 0 and sink is not None:
+            if sink is not None:
                 sink(buf[:n])
             if at >= 0:
                 del buf[:at + len(marker)]
                 return
-            if n > 0:
-                del buf[:n]
-                fed += n
+            del buf[:n]
+            fed += n
             self.need(len(buf) + 1)
 
 
 def _boundary(content_type: str) -> bytes:
-    params = _header_params(";" + content_type.partition(";")[2])
-    boundary = params.get("boundary", "")
+    boundary = _header_params(content_type)[1].get("boundary", "")
     # RFC 2046 5.1.1: boundary := 0*69<bchars> bcharsnospace
     if not re.fullmatch(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]", boundary):
         raise HTTPError(400, "Missing or invalid multipart boundary.")
     return boundary.encode("ascii")
 
 
-def _header_params(text: str) -> dict:
-    params, end = {}, 0
-    for match in _PARAM.finditer(text):
+def _header_params(value: str):
+    """(the lowercased value before any ';', its parameters); 400 if they are malformed."""
+    kind, params = value.partition(";")[0], {}
+    end = len(kind)
+    for match in _PARAM.finditer(value, end):
         if match.start() != end:
             break
-        name, value = match.group(1).lower(), match.group(2)
-        if value[:1] == '"':
-            value = re.sub(r'\\(.)', r"\1", value[1:-1])
-        params[name], end = value, match.end()
-    if text[end:].strip(" \t;"):
-        raise HTTPError(400, "Malformed header parameters: %r" % text[:80])
-    return params
+        name, text = match.group(1).lower(), match.group(2)
+        if text[:1] == '"':
+            text = re.sub(r'\\(.)', r"\1", text[1:-1])
+        params[name], end = text, match.end()
+    if value[end:].strip(" \t;"):
+        raise HTTPError(400, "Malformed header parameters: %r" % value[:80])
+    return kind.strip(" \t").lower(), params
 
 
 def _part_head(block: bytes):
-    """(name, filename or None, content type) from a part's header lines."""
+    """(name, filename or None, content type) from the rest of a boundary line and a part's head."""
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError:
         text = block.decode("latin-1")
+    padding, *lines = text.split("\r\n")  # the end of the boundary line, then the header lines
+    if padding.strip(" \t"):  # RFC 2046 allows only transport-padding after the boundary
+        raise HTTPError(400, "Malformed boundary line.")
     fields = {}
-    for line in text.split("\r\n"):
-        if line:
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise HTTPError(400, "Malformed part header.")
-            fields[name.strip(" \t").lower()] = value.strip(" \t")
-    kind, _, rest = fields.get("content-disposition", "").partition(";")
-    params = _header_params(";" + rest)
-    if kind.strip(" \t").lower() != "form-data" or "name" not in params:
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise HTTPError(400, "Malformed part header.")
+        fields[name.strip(" \t").lower()] = value.strip(" \t")
+    kind, params = _header_params(fields.get("content-disposition", ""))
+    if kind != "form-data" or "name" not in params:
         raise HTTPError(400, "A form part needs Content-Disposition: form-data; name=...")
     filename = params.get("filename")
     if "filename*" in params:  # RFC 8187 ext-value: charset'lang'pct-encoded
@@ -2986,29 +2956,22 @@ def _part_head(block: bytes):
 def parse_multipart(req, content_type: str) -> dict:
     """Parse a multipart/form-data body as a stream into fields (str) and Parts.
 
-    Limits (request.*): max_form_parts parts, max_form_field_size bytes for all
-    non-file fields together, as for a urlencoded body (413); files spool to
-    disk past upload_spool_size.
+    413 past request.max_form_parts parts or request.max_form_field_size bytes of
+    fields (all non-file fields together); files spool to disk past upload_spool_size.
     """
-    config = req.app.config
-    blocks, delimiter = _Blocks(req.body), b"\r\n--" + _boundary(content_type)
+    config, blocks, delimiter = req.app.config, _Blocks(req.body), b"\r\n--" + _boundary(content_type)
     parts = req.__dict__.setdefault("_uploads", [])  # Application closes them after the response
     pairs, budget = [], config["request.max_form_field_size"]
     try:
-        blocks.until(delimiter, None)  # the preamble is ignored
+        blocks.until(delimiter)  # the preamble is ignored
         while True:
             blocks.need(2)
             if blocks.buf[:2] == b"--":
                 break  # close-delimiter; the epilogue is ignored
-            line = bytearray()
-            blocks.until(b"\r\n", line.extend, 1024, HTTPError(400, "Malformed boundary line."))
-            if line.strip(b" \t"):  # RFC 2046 allows only transport-padding here
-                raise HTTPError(400, "Malformed boundary line.")
             if len(pairs) >= config["request.max_form_parts"]:
                 raise HTTPError(413, "Too many form parts.")
             head = bytearray()
-            blocks.buf[0:0] = b"\r\n"  # a part without header fields is CRLF CRLF too
-            blocks.until(b"\r\n\r\n", head.extend, _PART_HEAD_MAX, HTTPError(400, "Part header too large."))
+            blocks.until(b"\r\n\r\n", head.extend, 16 * KiB, HTTPError(400, "Part header too large."))
             name, filename, ctype = _part_head(bytes(head))
             if filename is None:
                 value = bytearray()
