@@ -2031,11 +2031,12 @@ class Application:
             raise HTTPRedirect(_quote_path(req.script_name + req.path_info) + "/" + qs, 301)
         if handler is None:
             raise NotFound()
-        handler = _method_handler(handler, req.method)
         walked = trail if handler is trail[-1] else trail + [handler]
-        for node in walked:  # each node's hooks once, root first
-            for hook in getattr(node, "_minipub_hooks", ()):
-                hook(req)
+        _run_hooks(walked, req)  # each node's hooks once, root first: a 401 comes before a 405
+        method = _method_handler(handler, req.method)
+        if method is not handler:
+            _run_hooks([method], req)
+            handler = method
         query, body = _query_params(req.query_string), _body_params(req)
         req.params = _merge(query, body)
         result = handler(*args, **_bind(handler, args, query, body))
@@ -2131,6 +2132,12 @@ def _candidate(node, rest, depth, trailing):
     if _exposed(default):
         return default, list(rest), False
     return None
+
+
+def _run_hooks(nodes, req):
+    for node in nodes:
+        for hook in getattr(node, "_minipub_hooks", ()):
+            hook(req)
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
