@@ -727,6 +727,22 @@ def test_dispatch_body_params_mismatch_is_400():
     assert call_app(DISPATCH, "POST", "/items", body=b"name=n", headers=form)[2] == b"post n"
 
 
+def test_tools_refuse_before_method_dispatch_answers():
+    @minipub.auth_basic("r", users={"u": "p"})
+    @minipub.expose
+    class Secret:
+        def GET(self):
+            return "secret"
+
+    class Root:
+        secret = Secret()
+    app = minipub.Application(Root())
+    assert call_app(app, "DELETE", "/secret")[0] == 401  # not a 405 that tells which methods exist
+    creds = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode()}
+    assert call_app(app, "DELETE", "/secret", headers=creds)[0] == 405
+    assert call_app(app, "GET", "/secret", headers=creds)[2] == b"secret"
+
+
 def test_method_dispatch_405_and_head():
     status, headers, _ = call_app(DISPATCH, "DELETE", "/items")
     assert status == 405 and headers["allow"] == "GET, HEAD, POST"
