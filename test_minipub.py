@@ -102,24 +102,38 @@ def responses(raw):
     return out
 
 
-def call_app(app, method="GET", path="/", query="", body=b"", headers=None):
-    """Call a WSGI app without a socket, through wsgiref.validate; (status, headers, body)."""
-    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
-               "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
+def call_app(app, method="GET", path="/", query="", body=b"", headers=None, environ=None):
+    """Call a WSGI app without a socket, through wsgiref.validate; (status, headers, body).
+
+    A query may be given inline ("/x?a=1"); ``environ`` adds, overrides or (with
+    None) removes keys.  Repeated response headers are joined with ", ".
+    """
+    if "?" in path and not query:
+        path, query = path.split("?", 1)
+    env = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "QUERY_STRING": query,
+           "PATH_INFO": path.encode("utf-8").decode("latin-1"),  # PEP 3333: bytes as latin-1
+           "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
     for name, value in (headers or {}).items():
         key = name.upper().replace("-", "_")
-        environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
-    wsgiref.util.setup_testing_defaults(environ)
+        env[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
+    env.update(environ or {})
+    wsgiref.util.setup_testing_defaults(env)
+    for key in [k for k, v in env.items() if v is None]:
+        del env[key]  # environ={"HTTP_HOST": None}: no Host at all
     captured = {}
 
     def start_response(status, fields, exc_info=None):
         captured["status"], captured["headers"] = status, fields
-    result = wsgiref.validate.validator(app)(environ, start_response)
+    result = wsgiref.validate.validator(app)(env, start_response)
     try:
         data = b"".join(result)
     finally:
         result.close()
-    return int(captured["status"][:3]), {k.lower(): v for k, v in captured["headers"]}, data
+    merged = {}
+    for name, value in captured["headers"]:
+        name = name.lower()
+        merged[name] = merged[name] + ", " + value if name in merged else value
+    return int(captured["status"][:3]), merged, data
 
 
 # ===========================================================================
@@ -851,24 +865,11 @@ def _vhost(**options):
 
 
 def call_from(app, remote, path="/", scheme="http", headers=None):
-    """Like call_app, but from peer ``remote`` over ``scheme`` (call_app cannot set REMOTE_ADDR)."""
-    environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "",
-               "REMOTE_ADDR": remote, "wsgi.url_scheme": scheme, "wsgi.input": io.BytesIO(b"")}
-    for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
-    wsgiref.util.setup_testing_defaults(environ)
-    if not (headers or {}).get("Host"):
-        environ.pop("HTTP_HOST", None)
-    captured = {}
-
-    def start_response(status, fields, exc_info=None):
-        captured["status"], captured["headers"] = status, fields
-    result = wsgiref.validate.validator(app)(environ, start_response)
-    try:
-        data = b"".join(result)
-    finally:
-        result.close()
-    return int(captured["status"][:3]), {k.lower(): v for k, v in captured["headers"]}, data
+    """call_app from peer ``remote`` over ``scheme``."""
+    extra = {"REMOTE_ADDR": remote, "wsgi.url_scheme": scheme}
+    if "Host" not in (headers or {}):
+        extra["HTTP_HOST"] = None
+    return call_app(app, path=path, headers=headers, environ=extra)
 
 
 @pytest.mark.parametrize("host, scheme, expected", [
@@ -2599,50 +2600,7 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 HTML = "text/html; charset=utf-8"
 
 
-def example_call(app, method, path, query="", body=b"", headers=None):
-    """Send one request to a WSGI app.
-
-    Returns (status code, headers with lower-cased names, body bytes).
-    A query may also be given inline in ``path`` ("/x?a=1").
-    """
-    if "?" in path and not query:
-        path, query = path.split("?", 1)
-    environ = {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": "",
-        # PEP 3333: PATH_INFO carries the raw bytes decoded as latin-1.
-        "PATH_INFO": path.encode("utf-8").decode("latin-1"),
-        "QUERY_STRING": query,
-        "CONTENT_LENGTH": str(len(body)),
-        "wsgi.input": io.BytesIO(body),
-    }
-    for name, value in (headers or {}).items():
-        key = name.upper().replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
-        environ[key] = value
-    setup_testing_defaults(environ)
-
-    captured = {}
-    written = []
-
-    def start_response(status, response_headers, exc_info=None):
-        captured["status"] = status
-        captured["headers"] = response_headers
-        return written.append
-
-    result = app(environ, start_response)
-    try:
-        for chunk in result:
-            written.append(chunk)
-    finally:
-        if hasattr(result, "close"):
-            result.close()
-    merged = {}
-    for name, value in captured["headers"]:
-        name = name.lower()
-        merged[name] = merged[name] + ", " + value if name in merged else value
-    return int(captured["status"].split()[0]), merged, b"".join(written)
+example_call = call_app
 
 
 def post_form(app, path, fields):
