@@ -2232,25 +2232,20 @@ def _body_of(result, resp):
 class VirtualHost:
     """A root that picks another root by the request's host.
 
-    ``domains`` maps ``"name"`` or ``"name:port"`` to a root object, or to
-    ``(root, certfile[, keyfile[, chainfile]])`` to also serve that name its
-    own certificate, chosen by SNI (the server's own certificate stays the
-    default).  Names match case-insensitively, without a trailing dot; a Host
-    without a port means the scheme's default port; a key without a port
-    matches any port.  An unknown host goes to ``default``, else 400.  Each
-    tree is reachable only through its host: there is no path prefix.
-    X-Forwarded-Host (or Forwarded host=) is used only with
-    ``use_x_forwarded_host=True`` and from a peer in ``trusted_proxies``
-    (default: server.trusted_proxies): trusting it from anyone would let any
-    client pick any tree.
+    ``domains`` maps ``"name"`` or ``"name:port"`` to a root, or to ``(root, certfile[, keyfile[,
+    chainfile]])`` to serve that name its own certificate, chosen by SNI.  Names ignore case and a
+    trailing dot; a Host without a port means the scheme's default port; a key without a port
+    matches any port.  Unknown hosts go to ``default``, else 400; there is no path prefix.
+    X-Forwarded-Host (or Forwarded host=) counts only with ``use_x_forwarded_host=True`` and from
+    a peer in ``trusted_proxies`` (default: server.trusted_proxies): trusting it from anyone would
+    let any client pick any tree.
     """
 
     def __init__(self, default=None, domains: dict = None, use_x_forwarded_host: bool = False,
                  trusted_proxies=None):
         self.default, self.use_x_forwarded_host = default, use_x_forwarded_host
         self.trusted_proxies = None if trusted_proxies is None else tuple(trusted_proxies)
-        if self.trusted_proxies is not None:
-            _trusted_networks(self.trusted_proxies)  # fail now on a bad entry
+        _trusted_networks(self.trusted_proxies or ())  # a bad entry fails now, not per request
         self.domains, self.certificates = {}, {}
         for key, root in (domains or {}).items():
             name, port = _split_host(key)
@@ -2262,14 +2257,13 @@ class VirtualHost:
             self.domains[(name, port)] = root
 
     def _minipub_resolve(self, req):
-        env = req.environ
-        host, scheme = env.get("HTTP_HOST", ""), env.get("wsgi.url_scheme", "http")
+        host, scheme = req.environ.get("HTTP_HOST", ""), req.environ.get("wsgi.url_scheme", "http")
         if self.use_x_forwarded_host:
             trusted = self.trusted_proxies
             networks = _trusted_networks(req.app.config["server.trusted_proxies"] if trusted is None
                                          else trusted)
-            if _is_trusted(env.get("REMOTE_ADDR", ""), networks):
-                _, proto, forwarded = _forwarded_hop(env, networks)
+            if _is_trusted(req.environ.get("REMOTE_ADDR", ""), networks):
+                _, proto, forwarded = _forwarded_hop(req.environ, networks)
                 host, scheme = forwarded or host, proto or scheme
         try:
             name, port = _split_host(host) if host else (None, None)
@@ -2296,12 +2290,9 @@ def _attach_sni(context, app, config: dict) -> None:
     root = getattr(app, "root", None)
     if not isinstance(root, VirtualHost) or not root.certificates:
         return
-    contexts = {}
-    for name, files in root.certificates.items():
-        cert, key, chain = files + ("",) * (3 - len(files))
-        contexts[name] = make_ssl_context(dict(config, **{
-            "server.ssl_certificate": cert, "server.ssl_private_key": key or "",
-            "server.ssl_certificate_chain": chain or ""}))
+    keys = ("server.ssl_certificate", "server.ssl_private_key", "server.ssl_certificate_chain")
+    contexts = {name: make_ssl_context(dict(config, **dict(zip(keys, files + ("", "")))))
+                for name, files in root.certificates.items()}  # a missing key or chain: ""
 
     def choose(sslobj, server_name, default):
         # Runs in the poller during the non-blocking handshake: a dict lookup only.
@@ -2309,7 +2300,6 @@ def _attach_sni(context, app, config: dict) -> None:
         if chosen is not None:
             sslobj.context = chosen
     context.sni_callback = choose
-
 
 
 # ===========================================================================
