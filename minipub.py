@@ -2330,14 +2330,13 @@ _NONCE_TABLE = 10000  # nonces whose nc values are remembered, per realm: about 
 _NC_WINDOW = 64       # nc values accepted out of order below the highest seen for a nonce
 
 
-def _first_run(req, hook) -> bool:
-    """False if ``hook`` already ran for this request (a handler is also a walked node)."""
+def _credentials(req, scheme: str, hook):
+    """The text after ``scheme`` in Authorization (None if absent or another scheme), or
+    False if ``hook`` already ran for this request (a handler is also a walked node)."""
     done = req.__dict__.setdefault("_minipub_auth", set())
-    return not (hook in done or done.add(hook))
-
-
-def _credentials(req, scheme: str):
-    """The text after ``scheme`` in Authorization, or None if absent or another scheme."""
+    if hook in done:
+        return False
+    done.add(hook)
     name, _, rest = req.environ.get("HTTP_AUTHORIZATION", "").strip(" \t").partition(" ")
     return rest.strip(" \t") if name.lower() == scheme else None
 
@@ -2349,7 +2348,11 @@ def _quoted(text: str) -> str:
 
 def _auth_params(text: str) -> dict:
     """A #auth-param list as UTF-8 text; 400 on bad syntax, duplicates or over 32 params."""
-    params, pos, text = {}, 0, text.rstrip(" \t,")
+    try:
+        text = text.encode("latin-1").decode("utf-8").rstrip(" \t,")  # we sent charset=UTF-8
+    except UnicodeError:
+        raise HTTPError(400, "Credentials are not valid UTF-8.") from None
+    params, pos = {}, 0
     while pos < len(text):
         match = _AUTH_PARAM.match(text, pos)
         if match is None or len(params) >= 32:
@@ -2358,11 +2361,7 @@ def _auth_params(text: str) -> dict:
         if name.lower() in params:
             # RFC 7235 2.1: "Each parameter name MUST only occur once per challenge."
             raise HTTPError(400, "Duplicate %r in the Authorization header." % name)
-        try:
-            value = token if token is not None else re.sub(r"\\(.)", r"\1", quoted)
-            params[name.lower()] = value.encode("latin-1").decode("utf-8")  # we sent charset=UTF-8
-        except UnicodeError:
-            raise HTTPError(400, "Credentials are not valid UTF-8.") from None
+        params[name.lower()] = token if token is not None else re.sub(r"\\(.)", r"\1", quoted)
         pos = match.end()
     return params
 
@@ -2388,15 +2387,14 @@ def auth_basic(realm: str, users: dict = None, checkpassword=None):
 
     def hook(req):
         import base64
-        import binascii
-        token = _credentials(req, "basic")
-        if not _first_run(req, hook):
+        token = _credentials(req, "basic", hook)
+        if token is False:
             return
         if token is None:
             raise _refuse(challenge)
         try:  # an empty token decodes to "", which has no colon: 400
-            text = base64.b64decode(token.encode("latin-1"), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeError):
+            text = base64.b64decode(token, validate=True).decode("utf-8")
+        except ValueError:  # binascii.Error, non-ASCII text, UnicodeDecodeError
             raise HTTPError(400, "Basic credentials are not base64 of UTF-8 text.") from None
         user, colon, password = text.partition(":")
         # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
@@ -2413,9 +2411,9 @@ def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-2
     """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler.
 
     Give ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None``
-    (H(user:realm:password): no password stored).  One challenge per ``algorithms``
-    entry (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib
-    reads only the first and knows only MD5.  ``userhash`` needs ``users``.
+    (H(user:realm:password): no password stored).  One challenge per ``algorithms`` entry
+    (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib reads only
+    the first and knows only MD5.  ``userhash`` needs ``users``.
     """
     hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
     return lambda target: _add_hook(target, hook)
@@ -2428,6 +2426,10 @@ class _Digest:
         from collections import OrderedDict
         if (users is None) == (get_ha1 is None) or (userhash and users is None):
             raise TypeError("auth_digest needs one of users= or get_ha1= (userhash needs users=)")
+        if users is not None:
+            def get_ha1(realm, user, algorithm):
+                password = users.get(user)
+                return None if password is None else self.h(algorithm, "%s:%s:%s" % (user, realm, password))
         self.algorithms = {a.upper(): a.upper().replace("-SESS", "-sess") for a in algorithms}
         for name in self.algorithms or [""]:
             self.h(name, "")  # ValueError for an unknown one, or one this OpenSSL lacks
@@ -2465,8 +2467,8 @@ class _Digest:
 
     def __call__(self, req):
         import hmac
-        text = _credentials(req, "digest")
-        if not _first_run(req, self):
+        text = _credentials(req, "digest", self)
+        if text is False:
             return  # already admitted: running twice would look like a replay
         if text is None:
             raise _refuse(self.challenges())
@@ -2486,7 +2488,7 @@ class _Digest:
                 or not hmac.compare_digest(p.get("opaque", self.opaque).encode(), self.opaque.encode())):
             raise _refuse(self.challenges())
         user = self.username(p, algorithm)
-        ha1 = self.ha1(user, algorithm.replace("-SESS", "")) if user is not None else None
+        ha1 = None if user is None else self.get_ha1(self.realm, user, algorithm.replace("-SESS", ""))
         if ha1 is not None and algorithm.endswith("-SESS"):
             ha1 = self.h(algorithm, "%s:%s:%s" % (ha1, p["nonce"], p["cnonce"]))
         a2 = "%s:%s" % (req.method, p["uri"])
@@ -2518,18 +2520,10 @@ class _Digest:
             return p["username"]
         if not self.userhash:
             raise HTTPError(400, "userhash was not offered.")
-        found = None
-        for name in self.users:  # every name is hashed and compared: no early exit
-            if hmac.compare_digest(self.h(algorithm, "%s:%s" % (name, self.realm)).encode(),
-                                   p["username"].lower().encode()):
-                found = name
-        return found
-
-    def ha1(self, user: str, algorithm: str):
-        if self.users is None:
-            return self.get_ha1(self.realm, user, algorithm)
-        password = self.users.get(user)
-        return None if password is None else self.h(algorithm, "%s:%s:%s" % (user, self.realm, password))
+        wanted = p["username"].lower().encode()
+        found = [name for name in self.users  # every name is hashed and compared: no early exit
+                 if hmac.compare_digest(self.h(algorithm, "%s:%s" % (name, self.realm)).encode(), wanted)]
+        return found[-1] if found else None
 
     def body_hash(self, req, algorithm: str) -> str:
         """H(entity-body) for qop=auth-int; the body is spooled so the handler still reads it."""
@@ -2560,14 +2554,12 @@ class _Digest:
                 while len(seen) >= _NONCE_TABLE:
                     self.floor = max(self.floor, seen.popitem(last=False)[1][0])
                 entry = seen[nonce] = [issued, 0, 1]  # issue time, highest nc, bits (nc 0 invalid)
-            top, mask = entry[1], entry[2]
+            _, top, mask = entry
             if nc > top:  # slide the window: bit i stands for nc = top - i
-                shift = nc - top
-                entry[1:] = nc, 1 if shift >= _NC_WINDOW else ((mask << shift) | 1) & ((1 << _NC_WINDOW) - 1)
+                top, mask = nc, (mask << min(nc - top, _NC_WINDOW)) & ((1 << _NC_WINDOW) - 1)
             elif top - nc >= _NC_WINDOW or mask >> (top - nc) & 1:
                 return False
-            else:
-                entry[2] = mask | 1 << (top - nc)
+            entry[1:] = top, mask | 1 << (top - nc)
             return True
 
 
