@@ -3017,34 +3017,23 @@ class Poller:
 
     def watch(self, files) -> None:
         """Add paths; a dict also gives each one's _mtime() as seen earlier (by a child)."""
-        for path in files:
-            if path not in self.mtimes:
-                seen = files[path] if isinstance(files, dict) else _mtime(path)
-                self.mtimes[path] = tuple(seen) if seen else None
+        seen = files if isinstance(files, dict) else {path: _mtime(path) for path in files}
+        for path, mtime in seen.items():
+            self.mtimes.setdefault(path, tuple(mtime) if mtime else None)
 
     def step(self) -> list:
-        changed = []
-        for path, old in self.mtimes.items():
-            new = _mtime(path)
-            if new != old:
-                self.mtimes[path] = new  # replacing a value keeps the dict's size
-                changed.append(path)
+        now = {path: _mtime(path) for path in self.mtimes}
+        changed = [path for path, old in self.mtimes.items() if now[path] != old]
+        self.mtimes = now
         return changed
 
 
 def _source_files(paths) -> list:
     """The absolute ``paths`` that are not part of Python or of installed packages."""
     stdlib = os.path.dirname(os.__file__) + os.sep
-    keep = []
-    for path in paths:
-        if not path or path.startswith("<"):
-            continue  # built-in, frozen or generated code
-        path = os.path.abspath(path)
-        parts = path.split(os.sep)
-        if path.startswith(stdlib) or "site-packages" in parts or "dist-packages" in parts:
-            continue
-        keep.append(path)
-    return keep
+    paths = [os.path.abspath(p) for p in paths if p and not p.startswith("<")]  # "<frozen ...>"
+    return [p for p in paths if not p.startswith(stdlib)
+            and not {"site-packages", "dist-packages"}.intersection(p.split(os.sep))]
 
 
 def _module_files(modules=None) -> list:
@@ -3082,11 +3071,6 @@ def _how_started() -> list:
     return ["path", os.path.abspath(main.__file__)]
 
 
-class _Child:
-    def __init__(self, proc, chan):
-        self.proc, self.chan, self.buffer, self.broken = proc, chan, b"", False
-
-
 class _Supervisor:
     """The parent: owns the socket, starts generations, polls, stops them."""
 
@@ -3101,6 +3085,7 @@ class _Supervisor:
     def spawn(self):
         import json
         import subprocess
+        from types import SimpleNamespace
         ours, theirs = socket.socketpair()
         state = {"run": self.run, "argv": sys.argv, "sock": self.sock.fileno(),
                  "chan": theirs.fileno(), "config": self.config,
@@ -3112,7 +3097,7 @@ class _Supervisor:
             proc = subprocess.Popen(argv, env=env, pass_fds=(self.sock.fileno(), theirs.fileno()))
         finally:
             theirs.close()
-        self.pending = _Child(proc, ours)
+        self.pending = SimpleNamespace(proc=proc, chan=ours, buffer=b"", broken=False)
         self.children.append(self.pending)
 
     def run_forever(self) -> int:
@@ -3123,8 +3108,7 @@ class _Supervisor:
             next_poll = time.monotonic() + period
             while not self._stopping:
                 chans = [self._wake_r] + [c.chan for c in self.children]
-                readable = __import__("select").select(
-                    chans, [], [], max(0.0, next_poll - time.monotonic()))[0]
+                readable = select.select(chans, [], [], max(0.0, next_poll - time.monotonic()))[0]
                 for child in [c for c in self.children if c.chan in readable]:
                     self.receive(child)
                 if time.monotonic() >= next_poll and not self._stopping:
@@ -3141,8 +3125,7 @@ class _Supervisor:
             _logger().info("reloader: %s changed; starting a new process", changed[0])
             if self.pending is not None:  # still importing older code: replace it
                 self.pending.proc.terminate()
-            self.spawn()
-        elif self.respawn and self.pending is None:
+        if changed or (self.respawn and self.pending is None):
             self.respawn = False
             self.spawn()
 
@@ -3189,8 +3172,7 @@ class _Supervisor:
         import subprocess
         self._stopping = True
         for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.terminate()
+            child.proc.terminate()  # skipped for one already reaped
         deadline = time.monotonic() + self.config["server.shutdown_timeout"] + 2.0
         for child in self.children:
             try:
@@ -3204,23 +3186,20 @@ class _Supervisor:
 
 
 def _supervise(config: dict, sock, run: list) -> int:
-    """Run the reloader's parent on ``sock`` until Ctrl-C or SIGTERM."""
-    if sock is None:
-        sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
+    """Run the reloader's parent on ``sock`` (or a new one) until Ctrl-C or SIGTERM."""
+    sock = sock or bind_socket(config["server.socket_host"], config["server.socket_port"])
     _logger().info("reloader: watching for changes every %gs", config["engine.autoreload.frequency"])
     return _Supervisor(config, sock, run).run_forever()
 
 
-def _child_send(msg: dict) -> None:
+def _child_ready(ready: bool = True) -> None:
+    """Report to the parent: serve() calls this in a child once its server is set up,
+    _child_failed() with ready=False when the old generation should keep serving."""
     import json
-    _CHILD["chan"].sendall(json.dumps(msg).encode("utf-8") + b"\n")
-
-
-def _child_ready() -> None:
-    """Called by serve() in a child once its server is set up."""
     files = _module_files() + _CHILD["files"]
-    _child_send({"ready": True, "error": _CHILD["error"], "files": {f: _mtime(f) for f in files}})
-    _CHILD["ready"] = True
+    msg = {"ready": ready, "error": _CHILD["error"], "files": {f: _mtime(f) for f in files}}
+    _CHILD["chan"].sendall(json.dumps(msg).encode("utf-8") + b"\n")
+    _CHILD["ready"] = ready
 
 
 def _lifeline(chan):
@@ -3234,18 +3213,11 @@ def _lifeline(chan):
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _error_app(message: str, detail: str = None):
-    """A WSGI app answering every request with a 500 page about the failed load."""
-    def app(environ, start_response):
-        start_response("500 Internal Server Error", _ERROR_HEADERS + [("Cache-Control", "no-store")])
-        return [error_page(500, message, detail)]
-    return app
-
-
 def _reload_child() -> int:
     """A reloader child's entry point: run the program on the parent's socket."""
     global _CHILD
     import json
+    import runpy
     state = json.loads(os.environ.pop(_RELOAD_ENV))
     chan = socket.socket(fileno=state["chan"])
     chan.set_inheritable(False)  # the app's own subprocesses must not keep it open
@@ -3261,14 +3233,12 @@ def _reload_child() -> int:
         if how == "target":
             configure_logging(config)
             serve(load_target(what, config), config)
+        elif how == "module":
+            sys.path[0] = os.getcwd()  # what -m puts there
+            runpy.run_module(what, run_name="__main__", alter_sys=True)
         else:
-            import runpy
-            if how == "module":
-                sys.path[0] = os.getcwd()  # what -m puts there
-                runpy.run_module(what, run_name="__main__", alter_sys=True)
-            else:
-                sys.path[0] = os.path.dirname(what)
-                runpy.run_path(what, run_name="__main__")
+            sys.path[0] = os.path.dirname(what)
+            runpy.run_path(what, run_name="__main__")
     except KeyboardInterrupt:
         return 130
     except (Exception, SystemExit) as exc:
@@ -3295,17 +3265,21 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
         error = "the program exited (status %s) before serving" % (exc.code,)
     else:
         error = str(exc) if isinstance(exc, _TargetError) else _user_line(exc)
-    files = _module_files() + _error_files(cause)
+    _CHILD["error"], _CHILD["files"] = error, _module_files() + _error_files(cause)
     if not fallback:
-        _child_send({"ready": False, "error": error, "files": {f: _mtime(f) for f in files}})
+        _child_ready(False)
         return 1
     detail = None
     if config["request.show_tracebacks"]:
         import traceback
         detail = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
-    _CHILD["error"], _CHILD["files"] = error, files
+    page = error_page(500, "The application failed to load: %s" % error, detail)
+
+    def error_app(environ, start_response):
+        start_response("500 Internal Server Error", _ERROR_HEADERS + [("Cache-Control", "no-store")])
+        return [page]
     configure_logging(config)
-    serve(_error_app("The application failed to load: %s" % error, detail), config)
+    serve(error_app, config)
     return 0
 
 
