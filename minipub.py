@@ -2299,25 +2299,20 @@ def _body_of(result, resp):
 class VirtualHost:
     """A root that picks another root by the request's host.
 
-    ``domains`` maps ``"name"`` or ``"name:port"`` to a root object, or to
-    ``(root, certfile[, keyfile[, chainfile]])`` to also serve that name its
-    own certificate, chosen by SNI (the server's own certificate stays the
-    default).  Names match case-insensitively, without a trailing dot; a Host
-    without a port means the scheme's default port; a key without a port
-    matches any port.  An unknown host goes to ``default``, else 400.  Each
-    tree is reachable only through its host: there is no path prefix.
-    X-Forwarded-Host (or Forwarded host=) is used only with
-    ``use_x_forwarded_host=True`` and from a peer in ``trusted_proxies``
-    (default: server.trusted_proxies): trusting it from anyone would let any
-    client pick any tree.
+    ``domains`` maps ``"name"`` or ``"name:port"`` to a root, or to ``(root, certfile[, keyfile[,
+    chainfile]])`` to serve that name its own certificate, chosen by SNI.  Names ignore case and a
+    trailing dot; a Host without a port means the scheme's default port; a key without a port
+    matches any port.  Unknown hosts go to ``default``, else 400; there is no path prefix.
+    X-Forwarded-Host (or Forwarded host=) counts only with ``use_x_forwarded_host=True`` and from
+    a peer in ``trusted_proxies`` (default: server.trusted_proxies): trusting it from anyone would
+    let any client pick any tree.
     """
 
     def __init__(self, default=None, domains: dict = None, use_x_forwarded_host: bool = False,
                  trusted_proxies=None):
         self.default, self.use_x_forwarded_host = default, use_x_forwarded_host
         self.trusted_proxies = None if trusted_proxies is None else tuple(trusted_proxies)
-        if self.trusted_proxies is not None:
-            _trusted_networks(self.trusted_proxies)  # fail now on a bad entry
+        _trusted_networks(self.trusted_proxies or ())  # a bad entry fails now, not per request
         self.domains, self.certificates = {}, {}
         for key, root in (domains or {}).items():
             name, port = _split_host(key)
@@ -2329,14 +2324,13 @@ class VirtualHost:
             self.domains[(name, port)] = root
 
     def _minipub_resolve(self, req):
-        env = req.environ
-        host, scheme = env.get("HTTP_HOST", ""), env.get("wsgi.url_scheme", "http")
+        host, scheme = req.environ.get("HTTP_HOST", ""), req.environ.get("wsgi.url_scheme", "http")
         if self.use_x_forwarded_host:
             trusted = self.trusted_proxies
             networks = _trusted_networks(req.app.config["server.trusted_proxies"] if trusted is None
                                          else trusted)
-            if _is_trusted(env.get("REMOTE_ADDR", ""), networks):
-                _, proto, forwarded = _forwarded_hop(env, networks)
+            if _is_trusted(req.environ.get("REMOTE_ADDR", ""), networks):
+                _, proto, forwarded = _forwarded_hop(req.environ, networks)
                 host, scheme = forwarded or host, proto or scheme
         try:
             name, port = _split_host(host) if host else (None, None)
@@ -2363,12 +2357,9 @@ def _attach_sni(context, app, config: dict) -> None:
     root = getattr(app, "root", None)
     if not isinstance(root, VirtualHost) or not root.certificates:
         return
-    contexts = {}
-    for name, files in root.certificates.items():
-        cert, key, chain = files + ("",) * (3 - len(files))
-        contexts[name] = make_ssl_context(dict(config, **{
-            "server.ssl_certificate": cert, "server.ssl_private_key": key or "",
-            "server.ssl_certificate_chain": chain or ""}))
+    keys = ("server.ssl_certificate", "server.ssl_private_key", "server.ssl_certificate_chain")
+    contexts = {name: make_ssl_context(dict(config, **dict(zip(keys, files + ("", "")))))
+                for name, files in root.certificates.items()}  # a missing key or chain: ""
 
     def choose(sslobj, server_name, default):
         # Runs in the poller during the non-blocking handshake: a dict lookup only.
@@ -2376,7 +2367,6 @@ def _attach_sni(context, app, config: dict) -> None:
         if chosen is not None:
             sslobj.context = chosen
     context.sni_callback = choose
-
 
 
 # ===========================================================================
@@ -2407,14 +2397,13 @@ _NONCE_TABLE = 10000  # nonces whose nc values are remembered, per realm: about 
 _NC_WINDOW = 64       # nc values accepted out of order below the highest seen for a nonce
 
 
-def _first_run(req, hook) -> bool:
-    """False if ``hook`` already ran for this request (a handler is also a walked node)."""
+def _credentials(req, scheme: str, hook):
+    """The text after ``scheme`` in Authorization (None if absent or another scheme), or
+    False if ``hook`` already ran for this request (a handler is also a walked node)."""
     done = req.__dict__.setdefault("_minipub_auth", set())
-    return not (hook in done or done.add(hook))
-
-
-def _credentials(req, scheme: str):
-    """The text after ``scheme`` in Authorization, or None if absent or another scheme."""
+    if hook in done:
+        return False
+    done.add(hook)
     name, _, rest = req.environ.get("HTTP_AUTHORIZATION", "").strip(" \t").partition(" ")
     return rest.strip(" \t") if name.lower() == scheme else None
 
@@ -2426,7 +2415,11 @@ def _quoted(text: str) -> str:
 
 def _auth_params(text: str) -> dict:
     """A #auth-param list as UTF-8 text; 400 on bad syntax, duplicates or over 32 params."""
-    params, pos, text = {}, 0, text.rstrip(" \t,")
+    try:
+        text = text.encode("latin-1").decode("utf-8").rstrip(" \t,")  # we sent charset=UTF-8
+    except UnicodeError:
+        raise HTTPError(400, "Credentials are not valid UTF-8.") from None
+    params, pos = {}, 0
     while pos < len(text):
         match = _AUTH_PARAM.match(text, pos)
         if match is None or len(params) >= 32:
@@ -2435,11 +2428,7 @@ def _auth_params(text: str) -> dict:
         if name.lower() in params:
             # RFC 7235 2.1: "Each parameter name MUST only occur once per challenge."
             raise HTTPError(400, "Duplicate %r in the Authorization header." % name)
-        try:
-            value = token if token is not None else re.sub(r"\\(.)", r"\1", quoted)
-            params[name.lower()] = value.encode("latin-1").decode("utf-8")  # we sent charset=UTF-8
-        except UnicodeError:
-            raise HTTPError(400, "Credentials are not valid UTF-8.") from None
+        params[name.lower()] = token if token is not None else re.sub(r"\\(.)", r"\1", quoted)
         pos = match.end()
     return params
 
@@ -2465,15 +2454,14 @@ def auth_basic(realm: str, users: dict = None, checkpassword=None):
 
     def hook(req):
         import base64
-        import binascii
-        token = _credentials(req, "basic")
-        if not _first_run(req, hook):
+        token = _credentials(req, "basic", hook)
+        if token is False:
             return
         if token is None:
             raise _refuse(challenge)
         try:  # an empty token decodes to "", which has no colon: 400
-            text = base64.b64decode(token.encode("latin-1"), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeError):
+            text = base64.b64decode(token, validate=True).decode("utf-8")
+        except ValueError:  # binascii.Error, non-ASCII text, UnicodeDecodeError
             raise HTTPError(400, "Basic credentials are not base64 of UTF-8 text.") from None
         user, colon, password = text.partition(":")
         # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
@@ -2490,9 +2478,9 @@ def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-2
     """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler.
 
     Give ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None``
-    (H(user:realm:password): no password stored).  One challenge per ``algorithms``
-    entry (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib
-    reads only the first and knows only MD5.  ``userhash`` needs ``users``.
+    (H(user:realm:password): no password stored).  One challenge per ``algorithms`` entry
+    (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib reads only
+    the first and knows only MD5.  ``userhash`` needs ``users``.
     """
     hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
     return lambda target: _add_hook(target, hook)
@@ -2505,6 +2493,10 @@ class _Digest:
         from collections import OrderedDict
         if (users is None) == (get_ha1 is None) or (userhash and users is None):
             raise TypeError("auth_digest needs one of users= or get_ha1= (userhash needs users=)")
+        if users is not None:
+            def get_ha1(realm, user, algorithm):
+                password = users.get(user)
+                return None if password is None else self.h(algorithm, "%s:%s:%s" % (user, realm, password))
         self.algorithms = {a.upper(): a.upper().replace("-SESS", "-sess") for a in algorithms}
         for name in self.algorithms or [""]:
             self.h(name, "")  # ValueError for an unknown one, or one this OpenSSL lacks
@@ -2542,8 +2534,8 @@ class _Digest:
 
     def __call__(self, req):
         import hmac
-        text = _credentials(req, "digest")
-        if not _first_run(req, self):
+        text = _credentials(req, "digest", self)
+        if text is False:
             return  # already admitted: running twice would look like a replay
         if text is None:
             raise _refuse(self.challenges())
@@ -2563,7 +2555,7 @@ class _Digest:
                 or not hmac.compare_digest(p.get("opaque", self.opaque).encode(), self.opaque.encode())):
             raise _refuse(self.challenges())
         user = self.username(p, algorithm)
-        ha1 = self.ha1(user, algorithm.replace("-SESS", "")) if user is not None else None
+        ha1 = None if user is None else self.get_ha1(self.realm, user, algorithm.replace("-SESS", ""))
         if ha1 is not None and algorithm.endswith("-SESS"):
             ha1 = self.h(algorithm, "%s:%s:%s" % (ha1, p["nonce"], p["cnonce"]))
         a2 = "%s:%s" % (req.method, p["uri"])
@@ -2595,18 +2587,10 @@ class _Digest:
             return p["username"]
         if not self.userhash:
             raise HTTPError(400, "userhash was not offered.")
-        found = None
-        for name in self.users:  # every name is hashed and compared: no early exit
-            if hmac.compare_digest(self.h(algorithm, "%s:%s" % (name, self.realm)).encode(),
-                                   p["username"].lower().encode()):
-                found = name
-        return found
-
-    def ha1(self, user: str, algorithm: str):
-        if self.users is None:
-            return self.get_ha1(self.realm, user, algorithm)
-        password = self.users.get(user)
-        return None if password is None else self.h(algorithm, "%s:%s:%s" % (user, self.realm, password))
+        wanted = p["username"].lower().encode()
+        found = [name for name in self.users  # every name is hashed and compared: no early exit
+                 if hmac.compare_digest(self.h(algorithm, "%s:%s" % (name, self.realm)).encode(), wanted)]
+        return found[-1] if found else None
 
     def body_hash(self, req, algorithm: str) -> str:
         """H(entity-body) for qop=auth-int; the body is spooled so the handler still reads it."""
@@ -2637,14 +2621,12 @@ class _Digest:
                 while len(seen) >= _NONCE_TABLE:
                     self.floor = max(self.floor, seen.popitem(last=False)[1][0])
                 entry = seen[nonce] = [issued, 0, 1]  # issue time, highest nc, bits (nc 0 invalid)
-            top, mask = entry[1], entry[2]
+            _, top, mask = entry
             if nc > top:  # slide the window: bit i stands for nc = top - i
-                shift = nc - top
-                entry[1:] = nc, 1 if shift >= _NC_WINDOW else ((mask << shift) | 1) & ((1 << _NC_WINDOW) - 1)
+                top, mask = nc, (mask << min(nc - top, _NC_WINDOW)) & ((1 << _NC_WINDOW) - 1)
             elif top - nc >= _NC_WINDOW or mask >> (top - nc) & 1:
                 return False
-            else:
-                entry[2] = mask | 1 << (top - nc)
+            entry[1:] = top, mask | 1 << (top - nc)
             return True
 
 
@@ -3065,34 +3047,23 @@ class Poller:
 
     def watch(self, files) -> None:
         """Add paths; a dict also gives each one's _mtime() as seen earlier (by a child)."""
-        for path in files:
-            if path not in self.mtimes:
-                seen = files[path] if isinstance(files, dict) else _mtime(path)
-                self.mtimes[path] = tuple(seen) if seen else None
+        seen = files if isinstance(files, dict) else {path: _mtime(path) for path in files}
+        for path, mtime in seen.items():
+            self.mtimes.setdefault(path, tuple(mtime) if mtime else None)
 
     def step(self) -> list:
-        changed = []
-        for path, old in self.mtimes.items():
-            new = _mtime(path)
-            if new != old:
-                self.mtimes[path] = new  # replacing a value keeps the dict's size
-                changed.append(path)
+        now = {path: _mtime(path) for path in self.mtimes}
+        changed = [path for path, old in self.mtimes.items() if now[path] != old]
+        self.mtimes = now
         return changed
 
 
 def _source_files(paths) -> list:
     """The absolute ``paths`` that are not part of Python or of installed packages."""
     stdlib = os.path.dirname(os.__file__) + os.sep
-    keep = []
-    for path in paths:
-        if not path or path.startswith("<"):
-            continue  # built-in, frozen or generated code
-        path = os.path.abspath(path)
-        parts = path.split(os.sep)
-        if path.startswith(stdlib) or "site-packages" in parts or "dist-packages" in parts:
-            continue
-        keep.append(path)
-    return keep
+    paths = [os.path.abspath(p) for p in paths if p and not p.startswith("<")]  # "<frozen ...>"
+    return [p for p in paths if not p.startswith(stdlib)
+            and not {"site-packages", "dist-packages"}.intersection(p.split(os.sep))]
 
 
 def _module_files(modules=None) -> list:
@@ -3130,11 +3101,6 @@ def _how_started() -> list:
     return ["path", os.path.abspath(main.__file__)]
 
 
-class _Child:
-    def __init__(self, proc, chan):
-        self.proc, self.chan, self.buffer, self.broken = proc, chan, b"", False
-
-
 class _Supervisor:
     """The parent: owns the socket, starts generations, polls, stops them."""
 
@@ -3149,6 +3115,7 @@ class _Supervisor:
     def spawn(self):
         import json
         import subprocess
+        from types import SimpleNamespace
         ours, theirs = socket.socketpair()
         state = {"run": self.run, "argv": sys.argv, "sock": self.sock.fileno(),
                  "chan": theirs.fileno(), "config": self.config,
@@ -3160,7 +3127,7 @@ class _Supervisor:
             proc = subprocess.Popen(argv, env=env, pass_fds=(self.sock.fileno(), theirs.fileno()))
         finally:
             theirs.close()
-        self.pending = _Child(proc, ours)
+        self.pending = SimpleNamespace(proc=proc, chan=ours, buffer=b"", broken=False)
         self.children.append(self.pending)
 
     def run_forever(self) -> int:
@@ -3171,8 +3138,7 @@ class _Supervisor:
             next_poll = time.monotonic() + period
             while not self._stopping:
                 chans = [self._wake_r] + [c.chan for c in self.children]
-                readable = __import__("select").select(
-                    chans, [], [], max(0.0, next_poll - time.monotonic()))[0]
+                readable = select.select(chans, [], [], max(0.0, next_poll - time.monotonic()))[0]
                 for child in [c for c in self.children if c.chan in readable]:
                     self.receive(child)
                 if time.monotonic() >= next_poll and not self._stopping:
@@ -3189,8 +3155,7 @@ class _Supervisor:
             _logger().info("reloader: %s changed; starting a new process", changed[0])
             if self.pending is not None:  # still importing older code: replace it
                 self.pending.proc.terminate()
-            self.spawn()
-        elif self.respawn and self.pending is None:
+        if changed or (self.respawn and self.pending is None):
             self.respawn = False
             self.spawn()
 
@@ -3237,8 +3202,7 @@ class _Supervisor:
         import subprocess
         self._stopping = True
         for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.terminate()
+            child.proc.terminate()  # skipped for one already reaped
         deadline = time.monotonic() + self.config["server.shutdown_timeout"] + 2.0
         for child in self.children:
             try:
@@ -3252,23 +3216,20 @@ class _Supervisor:
 
 
 def _supervise(config: dict, sock, run: list) -> int:
-    """Run the reloader's parent on ``sock`` until Ctrl-C or SIGTERM."""
-    if sock is None:
-        sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
+    """Run the reloader's parent on ``sock`` (or a new one) until Ctrl-C or SIGTERM."""
+    sock = sock or bind_socket(config["server.socket_host"], config["server.socket_port"])
     _logger().info("reloader: watching for changes every %gs", config["engine.autoreload.frequency"])
     return _Supervisor(config, sock, run).run_forever()
 
 
-def _child_send(msg: dict) -> None:
+def _child_ready(ready: bool = True) -> None:
+    """Report to the parent: serve() calls this in a child once its server is set up,
+    _child_failed() with ready=False when the old generation should keep serving."""
     import json
-    _CHILD["chan"].sendall(json.dumps(msg).encode("utf-8") + b"\n")
-
-
-def _child_ready() -> None:
-    """Called by serve() in a child once its server is set up."""
     files = _module_files() + _CHILD["files"]
-    _child_send({"ready": True, "error": _CHILD["error"], "files": {f: _mtime(f) for f in files}})
-    _CHILD["ready"] = True
+    msg = {"ready": ready, "error": _CHILD["error"], "files": {f: _mtime(f) for f in files}}
+    _CHILD["chan"].sendall(json.dumps(msg).encode("utf-8") + b"\n")
+    _CHILD["ready"] = ready
 
 
 def _lifeline(chan):
@@ -3282,18 +3243,11 @@ def _lifeline(chan):
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _error_app(message: str, detail: str = None):
-    """A WSGI app answering every request with a 500 page about the failed load."""
-    def app(environ, start_response):
-        start_response("500 Internal Server Error", _ERROR_HEADERS + [("Cache-Control", "no-store")])
-        return [error_page(500, message, detail)]
-    return app
-
-
 def _reload_child() -> int:
     """A reloader child's entry point: run the program on the parent's socket."""
     global _CHILD
     import json
+    import runpy
     state = json.loads(os.environ.pop(_RELOAD_ENV))
     chan = socket.socket(fileno=state["chan"])
     chan.set_inheritable(False)  # the app's own subprocesses must not keep it open
@@ -3309,14 +3263,12 @@ def _reload_child() -> int:
         if how == "target":
             configure_logging(config)
             serve(load_target(what, config), config)
+        elif how == "module":
+            sys.path[0] = os.getcwd()  # what -m puts there
+            runpy.run_module(what, run_name="__main__", alter_sys=True)
         else:
-            import runpy
-            if how == "module":
-                sys.path[0] = os.getcwd()  # what -m puts there
-                runpy.run_module(what, run_name="__main__", alter_sys=True)
-            else:
-                sys.path[0] = os.path.dirname(what)
-                runpy.run_path(what, run_name="__main__")
+            sys.path[0] = os.path.dirname(what)
+            runpy.run_path(what, run_name="__main__")
     except KeyboardInterrupt:
         return 130
     except (Exception, SystemExit) as exc:
@@ -3343,17 +3295,21 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
         error = "the program exited (status %s) before serving" % (exc.code,)
     else:
         error = str(exc) if isinstance(exc, _TargetError) else _user_line(exc)
-    files = _module_files() + _error_files(cause)
+    _CHILD["error"], _CHILD["files"] = error, _module_files() + _error_files(cause)
     if not fallback:
-        _child_send({"ready": False, "error": error, "files": {f: _mtime(f) for f in files}})
+        _child_ready(False)
         return 1
     detail = None
     if config["request.show_tracebacks"]:
         import traceback
         detail = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
-    _CHILD["error"], _CHILD["files"] = error, files
+    page = error_page(500, "The application failed to load: %s" % error, detail)
+
+    def error_app(environ, start_response):
+        start_response("500 Internal Server Error", _ERROR_HEADERS + [("Cache-Control", "no-store")])
+        return [page]
     configure_logging(config)
-    serve(_error_app("The application failed to load: %s" % error, detail), config)
+    serve(error_app, config)
     return 0
 
 
