@@ -388,7 +388,7 @@ class Server:
         self._sel.register(self._sock, selectors.EVENT_READ, _ACCEPT)
         self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         access = _logger("access")
-        if access.isEnabledFor(20) and (access.handlers or not access.propagate):
+        if access.isEnabledFor(20) and access.hasHandlers():  # else skip formatting each line
             self._access = access.info
 
     def _launch(self):
