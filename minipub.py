@@ -392,14 +392,17 @@ class Server:
             self._access = access.info
 
     def _launch(self):
-        """Start the workers: serving begins (after serve() has logged and reported ready)."""
-        for i in range(self.config["server.thread_pool"]):
-            gate = threading.Lock()
-            gate.acquire()
-            worker = threading.Thread(target=self._run, args=(gate,), name="minipub-%d" % i, daemon=True)
-            worker.start()
-            self._workers.append(worker)
+        """Start serving (after serve() has logged and reported ready)."""
+        self._spawn()  # more workers only when the watchdog needs them: idle costs one thread
         self._ready.set()
+
+    def _spawn(self):
+        gate = threading.Lock()
+        gate.acquire()
+        worker = threading.Thread(target=self._run, args=(gate,), name="minipub-%d" % len(self._workers),
+                                  daemon=True)
+        self._workers.append(worker)
+        worker.start()
 
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
@@ -732,11 +735,15 @@ class Server:
         gate.acquire()
 
     def _wake_one(self) -> bool:
+        """Wake a parked worker, or start one while fewer than server.thread_pool exist."""
         with self._pool_lock:
             if self._idle:
                 self._idle.pop().release()
                 return True
-        return False
+            if self._exiting or len(self._workers) >= self.config["server.thread_pool"]:
+                return False
+            self._spawn()
+        return True
 
     def _serve_conn(self, conn):
         try:

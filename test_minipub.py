@@ -309,7 +309,8 @@ def test_idle_server_sleeps_without_timeout(serve):
     server = serve(hello_app)
     assert server._next_timeout() is None  # select() blocks forever: no periodic wake-ups
     names = {t.name for t in threading.enumerate()}
-    assert sum(n.startswith("minipub-") for n in names) == server.config["server.thread_pool"] + 1
+    assert names >= {"minipub-watch", "minipub-0"}  # one worker until load needs more
+    assert sum(n.startswith("minipub-") for n in names) == 2
 
 
 def test_blocking_handlers_run_concurrently_up_to_the_pool(serve):
