@@ -72,6 +72,19 @@ def _logger(name: str = "error"):
     return logging.getLogger("minipub." + name)
 
 
+class _Lazy:
+    """A regular expression compiled at its first use, so importing minipub stays cheap."""
+
+    def __init__(self, pattern, flags=0):
+        self.pattern, self.flags = pattern, flags
+
+    def __getattr__(self, name):  # reached only until the first use binds the methods
+        compiled = re.compile(self.pattern, self.flags)
+        for method in ("fullmatch", "match", "search", "sub", "split"):
+            setattr(self, method, getattr(compiled, method))
+        return getattr(compiled, name)
+
+
 # ===========================================================================
 # Configuration and limits
 # Contract: every tunable is one row of LIMITS (key, default, unit, why).
@@ -912,16 +925,16 @@ NEED_DATA, END_OF_MESSAGE, _AGAIN = _Event("NEED_DATA"), _Event("END_OF_MESSAGE"
 # tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~"
 #         / DIGIT / ALPHA; minus "_" in field names (see _field)
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
-_TOKEN = re.compile(rb"[%s]+" % _TCHAR)
+_TOKEN = _Lazy(rb"[%s]+" % _TCHAR)
 # request-line = method SP request-target SP HTTP-version ; exactly one SP each
-_REQUEST_LINE = re.compile(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
+_REQUEST_LINE = _Lazy(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
 # field-value = *field-content ; field-vchar = VCHAR / obs-text, SP and HTAB inside
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS = re.compile(rb"[0-9]{1,18}")          # Content-Length = 1*DIGIT, bounded
-_HEXDIGITS = re.compile(rb"[0-9A-Fa-f]{1,16}")  # chunk-size = 1*HEXDIG, bounded
+_BAD_VALUE = _Lazy(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = _Lazy(rb"[0-9]{1,18}")          # Content-Length = 1*DIGIT, bounded
+_HEXDIGITS = _Lazy(rb"[0-9A-Fa-f]{1,16}")  # chunk-size = 1*HEXDIG, bounded
 # Host = uri-host [ ":" port ] ; uri-host = IP-literal / IPv4address / reg-name
-_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
-_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
+_HOST = _Lazy(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
+_ABSOLUTE = _Lazy(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
 
 
 class RequestHead:
@@ -1257,9 +1270,9 @@ def _content_length(head, lengths):
 
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
                          "transfer-encoding", "upgrade"))
-_STATUS = re.compile(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
-_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_STATUS = _Lazy(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+_NAME = _Lazy(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = _Lazy(r"[\t\x20-\x7e\x80-\xff]*")
 _ENV_KEYS = {"Content-Type": "CONTENT_TYPE", "Content-Length": "CONTENT_LENGTH"}
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -1885,7 +1898,7 @@ def _is_trusted(addr: str, networks) -> bool:
 
 
 # forwarded-pair = token "=" value ; value = token / quoted-string (RFC 7239 4)
-_FORWARDED_PAIR = re.compile(r'[ \t]*(?:([%s]+)=([%s]+|"(?:[^"\\]|\\.)*"))?[ \t]*([;,]|$)'
+_FORWARDED_PAIR = _Lazy(r'[ \t]*(?:([%s]+)=([%s]+|"(?:[^"\\]|\\.)*"))?[ \t]*([;,]|$)'
                              % ((_TCHAR.decode("ascii"),) * 2))
 
 
@@ -2397,7 +2410,7 @@ def _add_hook(target, hook):
 
 # auth-param = token BWS "=" BWS ( token / quoted-string ), in a #list whose
 # empty elements are skipped (RFC 9110 5.6.1); the scan is linear in length.
-_AUTH_PARAM = re.compile(r'[ \t,]*([%s]+)[ \t]*=[ \t]*(?:([%s]+)|"((?:[^"\\]|\\.)*)")[ \t]*(?:,|$)'
+_AUTH_PARAM = _Lazy(r'[ \t,]*([%s]+)[ \t]*=[ \t]*(?:([%s]+)|"((?:[^"\\]|\\.)*)")[ \t]*(?:,|$)'
                          % ((_TCHAR.decode("ascii"),) * 2))
 _DIGESTS = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
 _NONCE_TABLE = 10000  # nonces whose nc values are remembered, per realm: about 3 MB at most
@@ -2655,8 +2668,8 @@ def _same_target(environ: dict, uri: str) -> bool:
 _WEB_TYPES = {".css": "text/css", ".js": "text/javascript", ".mjs": "text/javascript",
               ".wasm": "application/wasm", ".json": "application/json", ".svg": "image/svg+xml"}
 _TEXTUAL = ("text/", "application/javascript", "application/json", "application/xml", "image/svg+xml")
-_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
-_ENCODED_SLASH = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+_RANGE = _Lazy(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+_ENCODED_SLASH = _Lazy(r"%(2f|5c|00)", re.IGNORECASE)
 
 
 def _content_type(path: str) -> str:
@@ -2810,7 +2823,7 @@ class StaticDir:
 # -- uploads (multipart/form-data, streamed) ----------------------------------
 
 _BLOCK = 256 * KiB  # the body is read in blocks of this size, never by lines
-_PARAM = re.compile(r';[ \t]*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^; \t]*)[ \t]*')
+_PARAM = _Lazy(r';[ \t]*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^; \t]*)[ \t]*')
 
 
 class Part:
