@@ -259,6 +259,10 @@ _ACCEPT, _WAKE, _QUEUED = object(), object(), object()
 _TICK = 0.002  # how often the watchdog checks that the serving threads make progress
 _QUIET = 100   # ticks without traffic before the watchdog sleeps until the next request
 _RECV = 256 * KiB
+# After answering with unread input (an error, or a body we did not want) the
+# socket is half-closed and read for this long before closing: closing at once
+# would send a reset, which can destroy the answer before the client reads it.
+_LINGER_CLOSE = 2.0
 _DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
 
 
@@ -300,12 +304,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class _Conn:
     """A client connection and the parser that owns its buffered bytes."""
 
-    __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls")
+    __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering")
 
     def __init__(self, sock, addr, parser, tls):
         self.sock, self.addr, self.parser, self.tls = sock, addr, parser, tls
         self.head = self.deadline = None
-        self.handshaking = tls
+        self.handshaking, self.lingering = tls, False
 
 
 class Server:
@@ -326,7 +330,7 @@ class Server:
         self.ssl_context = ssl_context
         self._sock, self._thread, self._workers, self._sel = sock, None, [], None
         self._conns, self._waiting, self._handback = set(), {}, deque()
-        self._timers = {"head": deque(), "keepalive": deque()}
+        self._timers = {"head": deque(), "keepalive": deque(), "linger": deque()}
         self._stopping = self._sleeping = self._exiting = self._watch_parked = False
         self._ready, self._watch_event = threading.Event(), threading.Event()
         self._pending, self._idle = deque(), []
@@ -521,7 +525,8 @@ class Server:
         sock.close()
 
     def _wait(self, sel, conn, kind):
-        conn.deadline = time.monotonic() + self.config["server.%s_timeout" % kind]
+        timeout = _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
+        conn.deadline = time.monotonic() + timeout
         self._timers[kind].append((conn.deadline, conn))
         if conn not in self._waiting:
             sel.register(conn.sock, selectors.EVENT_READ, conn)
@@ -534,6 +539,8 @@ class Server:
 
     def _readable(self, sel, conn, idle="head"):
         """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
+        if conn.lingering:
+            return self._drain_lingering(sel, conn)
         if conn.handshaking and not self._handshake(sel, conn):
             return
         try:
@@ -607,7 +614,29 @@ class Server:
             conn.sock.send(_simple_response(err.status, err.message))
         except OSError:
             pass
-        self._close(conn)
+        self._linger(conn)
+
+    def _linger(self, conn):
+        """Close without a reset: stop sending, then read and drop what still comes."""
+        conn.lingering = True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self._close(conn)
+        self._wait(self._sel, conn, "linger")
+
+    def _drain_lingering(self, sel, conn):
+        try:
+            for _ in range(64):
+                if not conn.sock.recv(_RECV):
+                    break
+            else:
+                return  # a fast sender: more next round, until the linger deadline
+        except self._want:
+            return
+        except OSError:
+            pass
+        self._drop(sel, conn)
 
     def _drop(self, sel, conn):
         if conn in self._waiting:
@@ -636,7 +665,9 @@ class Server:
 
     def _rewait(self, sel, conn):
         """A served keep-alive connection waits for its next request."""
-        if conn.tls and conn.sock.pending():
+        if conn.lingering:
+            self._linger(conn)
+        elif conn.tls and conn.sock.pending():
             self._readable(sel, conn, "keepalive")  # decrypted bytes select() cannot see
         else:
             self._wait(sel, conn, "head" if conn.parser.buffered else "keepalive")
@@ -657,7 +688,7 @@ class Server:
                 deadline, conn = timers.popleft()
                 if conn.deadline == deadline:
                     self._unwait(sel, conn)
-                    if conn.parser.buffered:
+                    if kind == "head" and conn.parser.buffered:
                         self._reject(conn, ProtocolError(408, "Request head took too long.\n"))
                     else:
                         self._close(conn)
@@ -766,6 +797,8 @@ class Server:
         except Exception:  # a bug in minipub itself: never let a worker die
             _logger().exception("internal error serving %s", conn.addr)
             keep = False
+        if keep is False and (conn.parser.in_body or conn.parser.buffered or conn.parser.error):
+            conn.lingering, keep = True, True  # unread input: a plain close would send a reset
         if keep is True:
             self._give_back(conn)
         elif keep is False:
