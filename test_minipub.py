@@ -56,6 +56,13 @@ def hello_app(environ, start_response):
     return [body]
 
 
+def free_port():
+    """A port that was free a moment ago (for servers started as subprocesses)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def exchange(port, data, timeout=5.0, until_close=True):
     """Send raw bytes; return everything received until the peer closes (or timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -987,12 +994,6 @@ def test_redirects_use_public_scheme_and_host():
     assert (status, fields["location"]) == (303, "http://backend:8000/target")
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_listening(port, proc, what, deadline=20.0):
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -1026,7 +1027,7 @@ def nginx(tmp_path, tls):
     procs = []
 
     def start(upstream, headers):
-        ports = _free_port(), _free_port()
+        ports = free_port(), free_port()
         d = tmp_path / ("nginx%d" % len(procs))
         d.mkdir()
         user = "user root;" if os.geteuid() == 0 else ""  # workers must reach tmp_path (mode 0700)
@@ -1094,7 +1095,7 @@ def test_nginx_in_front_of_gunicorn(nginx, tls, tmp_path):
         "import minipub, test_minipub as t\n"
         "application = minipub.Application(t._vhost(use_x_forwarded_host=True),\n"
         "                                  {'server.trusted_proxies': ('127.0.0.1',)})\n")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=HERE)
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "--chdir", str(tmp_path),
                              "-b", "127.0.0.1:%d" % port, "proxied_app:application"],
@@ -2281,12 +2282,6 @@ def test_reloader_interpreter_flags_are_passed_on(tmp_path):
     assert "-O" in args and "dev" in args and str(script) not in args and "arg" not in args
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _RELOAD_APP = '''import os, sys
 sys.path.insert(0, {here!r})
 import minipub
@@ -2340,7 +2335,7 @@ def reloading(tmp_path):
     started = []
 
     def start(argv):
-        port = _free_port()
+        port = free_port()
         log = tmp_path / "server.log"
         env = dict(os.environ, PORT=str(port), PYTHONPATH=HERE)
         argv = [a.format(port=port) for a in argv]
@@ -2459,12 +2454,6 @@ def test_reloader_refuses_no_connection_across_reloads(tmp_path, reloading):
 # ===========================================================================
 # Command line and examples
 # ===========================================================================
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def wait_for_port(port, proc=None, timeout=10.0):
     deadline = time.monotonic() + timeout
