@@ -52,13 +52,13 @@ import sys
 import threading
 import time
 from collections import deque
+from functools import cached_property  # functools is loaded by re anyway
 
 __version__ = "0.1.0"
 __all__ = [
-    "expose", "request", "response", "Application", "Server", "quickstart",
-    "HTTPError", "HTTPRedirect", "NotFound", "ProtocolError", "ConfigError",
-    "RequestParser", "RequestHead", "LIMITS", "make_config", "load_config",
-    "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
+    "expose", "request", "response", "Application", "Server", "quickstart", "HTTPError", "HTTPRedirect",
+    "NotFound", "ProtocolError", "ConfigError", "RequestParser", "RequestHead", "LIMITS", "make_config",
+    "load_config", "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
     "StaticDir", "serve_file", "Part",
 ]
 
@@ -134,9 +134,8 @@ LIMITS = (
 )
 
 _UNIT_TYPES = {
-    "host": str, "path": str, "flag": bool, "seconds": float, "addresses": tuple,
-    "paths": tuple, "port": int, "threads": int, "bytes": int, "fields": int,
-    "bytes/s": int, "connections": int, "requests": int, "parts": int,
+    "host": str, "path": str, "flag": bool, "seconds": float, "addresses": tuple, "paths": tuple, "port": int,
+    "threads": int, "bytes": int, "fields": int, "bytes/s": int, "connections": int, "requests": int, "parts": int,
 }
 _ROWS = {row[0]: row for row in LIMITS}
 
@@ -688,11 +687,8 @@ class Server:
                 self._timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
 
     def _stop_round(self):
-        """Stop accepting, but answer clients already accepted whose head is on its way.
-
-        A reloader's old child stops while sharing the listening socket with
-        the new one: a connection it accepted just before must still be served.
-        """
+        """Stop accepting, but answer clients already accepted whose head is on its way: a reloader's
+        old child stops while sharing the listening socket with the new one, so it must serve them."""
         sel = self._sel
         if not hasattr(self, "_drain_until"):
             sel.unregister(self._sock)
@@ -1813,19 +1809,13 @@ class Request:
     def url(self) -> str:
         return self.base + _quote_path(self.path) + ("?" + self.query_string if self.query_string else "")
 
-    @property
+    @cached_property
     def headers(self) -> HeaderDict:
-        headers = self.__dict__.get("_headers")
-        if headers is None:
-            headers = self.__dict__["_headers"] = _request_headers(self.environ)
-        return headers
+        return _request_headers(self.environ)
 
-    @property
+    @cached_property
     def cookies(self) -> dict:
-        cookies = self.__dict__.get("_cookies")
-        if cookies is None:
-            cookies = self.__dict__["_cookies"] = _parse_cookies(self.environ.get("HTTP_COOKIE", ""))
-        return cookies
+        return _parse_cookies(self.environ.get("HTTP_COOKIE", ""))
 
 
 def _utf8(text: str) -> str:
@@ -1861,9 +1851,7 @@ def _apply_forwarded(req, trusted):
     networks = _trusted_networks(trusted)
     if _is_trusted(req.remote_addr, networks):
         addr, proto, host = _forwarded_hop(req.environ, networks)
-        req.remote_addr = addr or req.remote_addr
-        req.scheme = proto or req.scheme
-        req.host = host or req.host
+        req.remote_addr, req.scheme, req.host = addr or req.remote_addr, proto or req.scheme, host or req.host
 
 
 _network_cache = {}
@@ -2242,30 +2230,28 @@ def _pairs_to_dict(pairs) -> dict:
     return params
 
 
-def _query_params(query: str) -> dict:
-    if not query:
-        return {}
+def _form_dict(text: str, max_fields: int, status: int, message: str) -> dict:
     from urllib.parse import parse_qsl
     try:
-        return _pairs_to_dict(parse_qsl(query, keep_blank_values=True, max_num_fields=1000))
+        return _pairs_to_dict(parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields))
     except ValueError:
-        raise HTTPError(400, "Too many query parameters.") from None
+        raise HTTPError(status, message) from None
+
+
+def _query_params(query: str) -> dict:
+    return _form_dict(query, 1000, 400, "Too many query parameters.") if query else {}
 
 
 def _body_params(req) -> dict:
     ctype = req.environ.get("CONTENT_TYPE", "")
     kind = ctype.partition(";")[0].strip(" \t").lower()
     if kind == "application/x-www-form-urlencoded":
-        from urllib.parse import parse_qsl
         limit = req.app.config["request.max_form_field_size"]
         data = req.body.read(limit + 1)
         if len(data) > limit:
             raise HTTPError(413, "Form body too large.")
-        data, parts = data.decode("utf-8", "replace"), req.app.config["request.max_form_parts"]
-        try:
-            return _pairs_to_dict(parse_qsl(data, keep_blank_values=True, max_num_fields=parts))
-        except ValueError:
-            raise HTTPError(413, "Too many form fields.") from None
+        parts = req.app.config["request.max_form_parts"]
+        return _form_dict(data.decode("utf-8", "replace"), parts, 413, "Too many form fields.")
     if kind == "multipart/form-data":
         return parse_multipart(req, ctype)
     return {}
@@ -2476,12 +2462,10 @@ def auth_basic(realm: str, users: dict = None, checkpassword=None):
 
 def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-256", "MD5"),
                 nonce_lifetime: float = 300.0, userhash: bool = False, clock=time.monotonic):
-    """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler.
-
-    Give ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None``
-    (H(user:realm:password): no password stored).  One challenge per ``algorithms`` entry
-    (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib reads only
-    the first and knows only MD5.  ``userhash`` needs ``users``.
+    """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler; give
+    ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None`` (H(user:realm:password):
+    no password stored).  One challenge per ``algorithms`` entry (MD5, SHA-256, SHA-512-256, each also
+    -sess), most preferred first: urllib reads only the first and knows only MD5.  ``userhash`` needs ``users``.
     """
     hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
     return lambda target: _add_hook(target, hook)
@@ -2717,10 +2701,8 @@ def _byte_range(req, size: int, etag: str, last_modified: str):
 
 
 def serve_file(path: str, content_type: str = None, disposition: str = None, *, cache_control: str = None):
-    """Answer with the file at ``path`` as a FileWrapper: validators, 304/412, one Range, HEAD.
-
-    ``disposition`` ("attachment" or "inline") adds a Content-Disposition naming the file.
-    """
+    """Answer with the file at ``path`` as a FileWrapper: validators, 304/412, one Range, HEAD;
+    ``disposition`` ("attachment" or "inline") adds a Content-Disposition naming the file."""
     import stat as modes
     try:
         file = open(path, "rb")
@@ -2943,11 +2925,8 @@ def _part_head(block: bytes):
 
 
 def parse_multipart(req, content_type: str) -> dict:
-    """Parse a multipart/form-data body as a stream into fields (str) and Parts.
-
-    413 past request.max_form_parts parts or request.max_form_field_size bytes of
-    fields (all non-file fields together); files spool to disk past upload_spool_size.
-    """
+    """Parse a multipart/form-data body as a stream into fields (str) and Parts; 413 past
+    request.max_form_parts parts or request.max_form_field_size bytes of all non-file fields."""
     config, blocks, delimiter = req.app.config, _Blocks(req.body), b"\r\n--" + _boundary(content_type)
     parts = req.__dict__.setdefault("_uploads", [])  # Application closes them after the response
     pairs, budget = [], config["request.max_form_field_size"]
@@ -3439,9 +3418,8 @@ def _arg_parser():
 
 def _cli_config(args) -> dict:
     values = load_config(args.config) if args.config else make_config()
-    aliases = {"host": "server.socket_host", "port": "server.socket_port",
-               "threads": "server.thread_pool", "certfile": "server.ssl_certificate",
-               "keyfile": "server.ssl_private_key"}
+    aliases = {"host": "server.socket_host", "port": "server.socket_port", "threads": "server.thread_pool",
+               "certfile": "server.ssl_certificate", "keyfile": "server.ssl_private_key"}
     for alias, key in aliases.items():
         if getattr(args, alias) is not None:
             values[key] = _convert(key, getattr(args, alias))
