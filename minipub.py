@@ -196,10 +196,10 @@ def load_config(path: str) -> dict:
 # ===========================================================================
 
 class HTTPError(Exception):
-    """Answer the request with ``status`` and an HTML page showing ``message``."""
+    """Answer the request with ``status``, an HTML page showing ``message`` and ``headers``."""
 
-    def __init__(self, status: int = 500, message: str = None):
-        self.status, self.message = int(status), message
+    def __init__(self, status: int = 500, message: str = None, headers: list = None):
+        self.status, self.message, self.headers = int(status), message, headers  # [(name, value)]
         super().__init__(status, message)
 
 
@@ -1646,8 +1646,9 @@ class _Exchange:
 
     def log(self, environ):
         self.server._access('%s - %s [%s] "%s %s %s" %s %s' % (
-            environ["REMOTE_ADDR"] or "-", environ.get("REMOTE_USER") or "-", time.strftime("%d/%b/%Y:%H:%M:%S %z"),
-            self.head.method, self.head.target, self.head.version, (self.status or "000")[:3], self.sent or "-"))
+            environ["REMOTE_ADDR"] or "-", environ.get("REMOTE_USER") or "-",
+            time.strftime("%d/%b/%Y:%H:%M:%S %z"), self.head.method, self.head.target, self.head.version,
+            (self.status or "000")[:3], self.sent or "-"))
 
 
 def _check_headers(headers) -> int:
@@ -2152,9 +2153,7 @@ def _method_handler(handler, method):
         allowed = [m for m in _METHODS if hasattr(handler, m)]
         if "GET" in allowed and "HEAD" not in allowed:
             allowed.insert(1, "HEAD")
-        err = HTTPError(405, "%s is not allowed here." % method)
-        err.headers = [("Allow", ", ".join(allowed))]
-        raise err
+        raise HTTPError(405, "%s is not allowed here." % method, [("Allow", ", ".join(allowed))])
     return found
 
 
@@ -2420,12 +2419,6 @@ def _auth_params(text: str) -> dict:
     return params
 
 
-def _refuse(challenges: list, message: str = "Authentication required.") -> HTTPError:
-    err = HTTPError(401, message)
-    err.headers = challenges
-    return err
-
-
 def auth_basic(realm: str, users: dict = None, checkpassword=None):
     """Decorator: HTTP Basic (RFC 7617) on a class (its whole subtree) or a handler; give
     ``users={name: password}`` or ``checkpassword(realm, user, password) -> bool``."""
@@ -2445,7 +2438,7 @@ def auth_basic(realm: str, users: dict = None, checkpassword=None):
         if token is False:
             return
         if token is None:
-            raise _refuse(challenge)
+            raise HTTPError(401, "Authentication required.", challenge)
         try:  # an empty token decodes to "", which has no colon: 400
             text = base64.b64decode(token, validate=True).decode("utf-8")
         except ValueError:  # binascii.Error, non-ASCII text, UnicodeDecodeError
@@ -2455,7 +2448,7 @@ def auth_basic(realm: str, users: dict = None, checkpassword=None):
         if not colon or re.search(r"[\x00-\x1f\x7f]", text):
             raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
         if not checkpassword(realm, user, password):
-            raise _refuse(challenge, "Wrong user name or password.")
+            raise HTTPError(401, "Wrong user name or password.", challenge)
         req.login = user
     return lambda target: _add_hook(target, hook)
 
@@ -2523,7 +2516,7 @@ class _Digest:
         if text is False:
             return  # already admitted: running twice would look like a replay
         if text is None:
-            raise _refuse(self.challenges())
+            raise HTTPError(401, "Authentication required.", self.challenges())
         p = _auth_params(text)
         missing = [k for k in ("realm", "nonce", "uri", "response", "qop", "nc", "cnonce") if k not in p]
         if missing or ("username" in p) == ("username*" in p):
@@ -2538,7 +2531,7 @@ class _Digest:
         algorithm, issued = p.get("algorithm", "MD5").upper(), self.issued(p["nonce"])
         if (p["realm"] != self.realm or algorithm not in self.algorithms or issued is None
                 or not hmac.compare_digest(p.get("opaque", self.opaque).encode(), self.opaque.encode())):
-            raise _refuse(self.challenges())
+            raise HTTPError(401, "Authentication required.", self.challenges())
         user = self.username(p, algorithm)
         ha1 = None if user is None else self.get_ha1(self.realm, user, algorithm.replace("-SESS", ""))
         if ha1 is not None and algorithm.endswith("-SESS"):
@@ -2549,11 +2542,11 @@ class _Digest:
         expected = self.h(algorithm, "%s:%s:%s:%s:%s:%s" % (
             ha1 or os.urandom(16).hex(), p["nonce"], p["nc"], p["cnonce"], p["qop"], self.h(algorithm, a2)))
         if not hmac.compare_digest(expected.encode(), p["response"].lower().encode()) or ha1 is None:
-            raise _refuse(self.challenges(), "Wrong user name or password.")
+            raise HTTPError(401, "Wrong user name or password.", self.challenges())
         if not self.fresh(p["nonce"], issued, int(p["nc"], 16)):
             # RFC 7616 3.3: stale "indicates that the previous request from the client was
             # rejected because the nonce value was stale": the client retries, not the user.
-            raise _refuse(self.challenges(stale=True), "The nonce is used up or expired.")
+            raise HTTPError(401, "The nonce is used up or expired.", self.challenges(stale=True))
         req.login = user
 
     def username(self, p: dict, algorithm: str):
@@ -2691,9 +2684,7 @@ def _byte_range(req, size: int, etag: str, last_modified: str):
     else:  # suffix-range: the last N bytes
         start, end = max(0, size - int(last)), size - 1
     if start >= size or start > end or (not first and not int(last)):
-        err = HTTPError(416, "Range not satisfiable.")
-        err.headers = [("Content-Range", "bytes */%d" % size)]
-        raise err
+        raise HTTPError(416, "Range not satisfiable.", [("Content-Range", "bytes */%d" % size)])
     response.status = 206
     response.headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
     response.headers["Content-Length"] = end - start + 1
