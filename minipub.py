@@ -52,13 +52,13 @@ import sys
 import threading
 import time
 from collections import deque
+from functools import cached_property  # functools is loaded by re anyway
 
 __version__ = "0.1.0"
 __all__ = [
-    "expose", "request", "response", "Application", "Server", "quickstart",
-    "HTTPError", "HTTPRedirect", "NotFound", "ProtocolError", "ConfigError",
-    "RequestParser", "RequestHead", "LIMITS", "make_config", "load_config",
-    "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
+    "expose", "request", "response", "Application", "Server", "quickstart", "HTTPError", "HTTPRedirect",
+    "NotFound", "ProtocolError", "ConfigError", "RequestParser", "RequestHead", "LIMITS", "make_config",
+    "load_config", "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
     "StaticDir", "serve_file", "Part",
 ]
 
@@ -98,8 +98,7 @@ LIMITS = (
     ("server.socket_host", "127.0.0.1", "host",
      "loopback unless asked: exposing a server is a decision; 0.0.0.0 or :: for all"),
     ("server.socket_port", 8080, "port", "CherryPy's default; 0 picks a free port"),
-    ("server.thread_pool", 10, "threads",
-     "workers that run the application; waiting clients never hold one"),
+    ("server.thread_pool", 10, "threads", "workers that run the application; waiting clients never hold one"),
     ("server.socket_timeout", 10.0, "seconds",
      "longest single wait for a client to send or receive inside a request"),
     ("server.head_timeout", 20.0, "seconds",
@@ -111,15 +110,12 @@ LIMITS = (
     ("server.max_request_body_size", 1 * GiB, "bytes", "larger body: 413; 0 means unlimited"),
     ("server.max_chunk_extension_size", 1 * KiB, "bytes",
      "chunk extensions are ignored, so they may not be used to send unbounded data: 400"),
-    ("server.min_body_rate", 1024, "bytes/s",
-     "after socket_timeout of grace a slower upload is cut with 408"),
-    ("server.max_connections", 4096, "connections",
-     "beyond this new clients get 503 at once instead of hanging"),
+    ("server.min_body_rate", 1024, "bytes/s", "after socket_timeout of grace a slower upload is cut with 408"),
+    ("server.max_connections", 4096, "connections", "beyond this new clients get 503 at once instead of hanging"),
     ("server.max_pipelined_requests", 16, "requests",
      "requests answered from read-ahead before the connection yields its worker"),
     ("server.shutdown_timeout", 10.0, "seconds", "in-flight requests get this long on stop"),
-    ("server.trusted_proxies", (), "addresses",
-     "peers whose Forwarded / X-Forwarded-* headers are believed"),
+    ("server.trusted_proxies", (), "addresses", "peers whose Forwarded / X-Forwarded-* headers are believed"),
     ("server.ssl_certificate", "", "path", "PEM certificate; with ssl_private_key turns on HTTPS"),
     ("server.ssl_private_key", "", "path", "PEM private key of ssl_certificate"),
     ("server.ssl_certificate_chain", "", "path", "PEM intermediates sent after the certificate"),
@@ -138,9 +134,8 @@ LIMITS = (
 )
 
 _UNIT_TYPES = {
-    "host": str, "path": str, "flag": bool, "seconds": float, "addresses": tuple,
-    "paths": tuple, "port": int, "threads": int, "bytes": int, "fields": int,
-    "bytes/s": int, "connections": int, "requests": int, "parts": int,
+    "host": str, "path": str, "flag": bool, "seconds": float, "addresses": tuple, "paths": tuple, "port": int,
+    "threads": int, "bytes": int, "fields": int, "bytes/s": int, "connections": int, "requests": int, "parts": int,
 }
 _ROWS = {row[0]: row for row in LIMITS}
 
@@ -189,8 +184,7 @@ def load_config(path: str) -> dict:
         try:
             values[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise ConfigError("%s: %s = %s is not a Python literal (quote strings)"
-                              % (path, key, text)) from None
+            raise ConfigError("%s: %s = %s is not a Python literal (quote strings)" % (path, key, text)) from None
     return make_config(values)
 
 
@@ -202,11 +196,10 @@ def load_config(path: str) -> dict:
 # ===========================================================================
 
 class HTTPError(Exception):
-    """Answer the request with ``status`` and an HTML page showing ``message``."""
+    """Answer the request with ``status``, an HTML page showing ``message`` and ``headers``."""
 
-    def __init__(self, status: int = 500, message: str = None):
-        self.status = int(status)
-        self.message = message
+    def __init__(self, status: int = 500, message: str = None, headers: list = None):
+        self.status, self.message, self.headers = int(status), message, headers  # [(name, value)]
         super().__init__(status, message)
 
 
@@ -221,8 +214,7 @@ class HTTPRedirect(Exception):
     def __init__(self, url: str, status: int = 303):
         if not 300 <= int(status) <= 399:
             raise ValueError("redirect status must be 3xx, not %r" % (status,))
-        self.url = url
-        self.status = int(status)
+        self.url, self.status = url, int(status)
         super().__init__(url, status)
 
 
@@ -507,8 +499,7 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                    do_handshake_on_connect=False)
+                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             conn = _Conn(sock, addr, RequestParser(self.config), self.ssl_context is not None)
             self._conns.add(conn)
             if conn.tls:
@@ -696,11 +687,8 @@ class Server:
                 self._timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
 
     def _stop_round(self):
-        """Stop accepting, but answer clients already accepted whose head is on its way.
-
-        A reloader's old child stops while sharing the listening socket with
-        the new one: a connection it accepted just before must still be served.
-        """
+        """Stop accepting, but answer clients already accepted whose head is on its way: a reloader's
+        old child stops while sharing the listening socket with the new one, so it must serve them."""
         sel = self._sel
         if not hasattr(self, "_drain_until"):
             sel.unregister(self._sock)
@@ -893,19 +881,15 @@ class Server:
             raise _ClientGone() from None
 
 
-if hasattr(select, "poll"):
-    def _wait_for(sock, write: bool, timeout: float) -> bool:
-        """Wait until ``sock`` is readable (or writable); False on timeout."""
-        if not write and getattr(sock, "pending", None) and sock.pending():
-            return True  # TLS already holds decrypted bytes
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT if write else select.POLLIN)
-        return bool(poller.poll(max(timeout, 0.0) * 1000))
-else:  # Windows has no poll(); there select() has no FD_SETSIZE ceiling
-    def _wait_for(sock, write: bool, timeout: float) -> bool:
-        if not write and getattr(sock, "pending", None) and sock.pending():
-            return True
+def _wait_for(sock, write: bool, timeout: float) -> bool:
+    """Wait until ``sock`` is readable (or writable); False on timeout."""
+    if not write and getattr(sock, "pending", None) and sock.pending():
+        return True  # TLS already holds decrypted bytes
+    if not hasattr(select, "poll"):  # Windows has no poll(); there select() has no FD_SETSIZE ceiling
         return any(select.select([] if write else [sock], [sock] if write else [], [], max(timeout, 0.0))[:2])
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if write else select.POLLIN)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def make_ssl_context(config: dict):
@@ -996,11 +980,8 @@ class RequestParser:
         self.max_fields = config["server.max_header_count"]
         self.max_body = config["server.max_request_body_size"]
         self.max_ext = config["server.max_chunk_extension_size"]
-        self.buffer = bytearray()
-        self.error = None
-        self._state = self._head
-        self._scanned = 0
-        self._remaining = self._total = 0
+        self.buffer, self.error, self._state = bytearray(), None, self._head
+        self._scanned = self._remaining = self._total = 0
 
     def receive(self, data: bytes) -> None:
         self.buffer += data
@@ -1198,8 +1179,7 @@ def _request_line(line: bytes) -> RequestHead:
     method, target, major, minor = match.groups()
     if (major, minor) not in ((b"1", b"1"), (b"1", b"0")):
         raise ProtocolError(505, "HTTP version not supported.")
-    head = RequestHead(method.decode("ascii"), target.decode("ascii"),
-                       "HTTP/1." + minor.decode("ascii"), [])
+    head = RequestHead(method.decode("ascii"), target.decode("ascii"), "HTTP/1." + minor.decode("ascii"), [])
     _target(head)
     return head
 
@@ -1217,10 +1197,8 @@ def _target(head):
         if match is None or match.group(1).lower() not in ("http", "https"):
             raise ProtocolError(400, "Invalid request target.")
         head.scheme, head.host = match.group(1).lower(), match.group(2)
-        rest = match.group(3) or "/"
-        if rest[0] != "/":
-            rest = "/" + rest
-        head.path, _, head.query = rest.partition("?")
+        rest = match.group(3)
+        head.path, _, head.query = (rest if rest[:1] == "/" else "/" + rest).partition("?")
     if "#" in target:
         raise ProtocolError(400, "A fragment is not allowed in a request target.")
 
@@ -1238,10 +1216,8 @@ def _semantics(head):
             codings.extend(c.strip(" \t").lower() for c in value.split(","))
         elif lname == "connection":
             tokens = {t.strip(" \t").lower() for t in value.split(",")}
-            if "close" in tokens:
-                head.keep_alive = False
-            elif "keep-alive" in tokens:
-                head.keep_alive = True
+            if tokens & {"close", "keep-alive"}:  # close wins
+                head.keep_alive = "close" not in tokens
         elif lname == "expect":
             if value.lower() != "100-continue":
                 raise ProtocolError(417, "Only 'Expect: 100-continue' is supported.")
@@ -1400,11 +1376,8 @@ class _Input:
     """wsgi.input: the request body, pulled from the socket only on demand."""
 
     def __init__(self, exchange):
-        self.ex = exchange
-        self.pending = b""
-        self.received = 0
-        self.started = None
-        self.continue_sent = False
+        self.ex, self.pending, self.received = exchange, b"", 0
+        self.started, self.continue_sent = None, False
 
     def _next(self, max_bytes: int) -> bytes:
         ex, parser = self.ex, self.ex.conn.parser
@@ -1462,8 +1435,7 @@ class _Input:
                 break
             pending += chunk
         cut = len(pending) if nl < 0 else nl + 1
-        if 0 <= size < cut:
-            cut = size
+        cut = size if 0 <= size < cut else cut
         line, self.pending = pending[:cut], pending[cut:]
         return line
 
@@ -1477,11 +1449,7 @@ class _Input:
         return lines
 
     def __iter__(self):
-        while True:
-            line = self.readline()
-            if not line:
-                return
-            yield line
+        return iter(self.readline, b"")
 
     def drain(self, limit: int) -> bool:
         """Discard up to ``limit`` unread body bytes; True if the body ended."""
@@ -1502,8 +1470,7 @@ class _Exchange:
         self.status = self.headers = self.length = None
         self.headers_sent = self.chunked = False
         self.no_body = self.head.method == "HEAD"
-        self.sent = 0
-        self.close = not self.head.keep_alive
+        self.sent, self.close = 0, not self.head.keep_alive
         self.input = _Input(self)
 
     def run(self) -> bool:
@@ -1678,10 +1645,9 @@ class _Exchange:
             self.close = True
 
     def log(self, environ):
-        user = environ.get("REMOTE_USER") or "-"
         self.server._access('%s - %s [%s] "%s %s %s" %s %s' % (
-            environ["REMOTE_ADDR"] or "-", user, time.strftime("%d/%b/%Y:%H:%M:%S %z"),
-            self.head.method, self.head.target, self.head.version,
+            environ["REMOTE_ADDR"] or "-", environ.get("REMOTE_USER") or "-",
+            time.strftime("%d/%b/%Y:%H:%M:%S %z"), self.head.method, self.head.target, self.head.version,
             (self.status or "000")[:3], self.sent or "-"))
 
 
@@ -1765,16 +1731,14 @@ class HeaderDict(dict):
     def __init__(self, items=()):
         super().__init__()
         self.names = {}
-        for name, value in (items.items() if isinstance(items, dict) else items):
-            self[name] = value
+        self.update(items)
 
     def __setitem__(self, name, value):
         value = str(value)
         if not _NAME.fullmatch(name):
             raise ValueError("invalid header name %r" % (name,))
         if not _VALUE.fullmatch(value):
-            raise ValueError("header %s: value %r has CR, LF, NUL or another control character"
-                             % (name, value))
+            raise ValueError("header %s: value %r has CR, LF, NUL or another control character" % (name, value))
         self.names[name.lower()] = name
         super().__setitem__(name.lower(), value)
 
@@ -1801,9 +1765,7 @@ class HeaderDict(dict):
         return self[name]
 
     def update(self, other=(), **more):
-        for name, value in (other.items() if isinstance(other, dict) else other):
-            self[name] = value
-        for name, value in more.items():
+        for name, value in [*(other.items() if isinstance(other, dict) else other), *more.items()]:
             self[name] = value
 
     def fields(self) -> list:
@@ -1814,12 +1776,10 @@ class HeaderDict(dict):
 def _request_headers(environ) -> HeaderDict:
     headers = HeaderDict()
     for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            dict.__setitem__(headers, key[5:].replace("_", "-").lower(), value)
-            headers.names[key[5:].replace("_", "-").lower()] = key[5:].replace("_", "-").title()
-        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
-            dict.__setitem__(headers, key.replace("_", "-").lower(), value)
-            headers.names[key.replace("_", "-").lower()] = key.replace("_", "-").title()
+        if key.startswith("HTTP_") or (key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value):
+            name = (key[5:] if key.startswith("HTTP_") else key).replace("_", "-")
+            dict.__setitem__(headers, name.lower(), value)
+            headers.names[name.lower()] = name.title()
     return headers
 
 
@@ -1850,19 +1810,13 @@ class Request:
     def url(self) -> str:
         return self.base + _quote_path(self.path) + ("?" + self.query_string if self.query_string else "")
 
-    @property
+    @cached_property
     def headers(self) -> HeaderDict:
-        headers = self.__dict__.get("_headers")
-        if headers is None:
-            headers = self.__dict__["_headers"] = _request_headers(self.environ)
-        return headers
+        return _request_headers(self.environ)
 
-    @property
+    @cached_property
     def cookies(self) -> dict:
-        cookies = self.__dict__.get("_cookies")
-        if cookies is None:
-            cookies = self.__dict__["_cookies"] = _parse_cookies(self.environ.get("HTTP_COOKIE", ""))
-        return cookies
+        return _parse_cookies(self.environ.get("HTTP_COOKIE", ""))
 
 
 def _utf8(text: str) -> str:
@@ -1898,9 +1852,7 @@ def _apply_forwarded(req, trusted):
     networks = _trusted_networks(trusted)
     if _is_trusted(req.remote_addr, networks):
         addr, proto, host = _forwarded_hop(req.environ, networks)
-        req.remote_addr = addr or req.remote_addr
-        req.scheme = proto or req.scheme
-        req.host = host or req.host
+        req.remote_addr, req.scheme, req.host = addr or req.remote_addr, proto or req.scheme, host or req.host
 
 
 _network_cache = {}
@@ -1994,9 +1946,7 @@ class Response:
     """What the handler answers: minipub.response while a handler runs."""
 
     def __init__(self):
-        self.status = 200
-        self._headers = HeaderDict()
-        self.cookies = []
+        self.status, self._headers, self.cookies = 200, HeaderDict(), []
         self.extra_fields = []  # repeatable fields a HeaderDict cannot hold
 
     @property
@@ -2008,8 +1958,7 @@ class Response:
         self._headers = value if isinstance(value, HeaderDict) else HeaderDict(value)
 
     def set_cookie(self, name: str, value: str, max_age: int = None, path: str = "/",
-                   domain: str = None, secure: bool = None, httponly: bool = True,
-                   samesite: str = "Lax") -> None:
+                   domain: str = None, secure: bool = None, httponly: bool = True, samesite: str = "Lax") -> None:
         """Add a Set-Cookie field; HttpOnly and SameSite=Lax unless told otherwise."""
         if not _NAME.fullmatch(name) or not re.fullmatch(r"[!#-+\--:<-\[\]-~]*", value):
             raise ValueError("cookie %r=%r: name must be a token, value cookie-octets" % (name, value))
@@ -2043,10 +1992,9 @@ class Application:
         _trusted_networks(self.config["server.trusted_proxies"])  # a bad entry fails here, not per request
 
     def __call__(self, environ, start_response):
-        if self.script_name:
-            if not _mount(environ, self.script_name):
-                start_response("404 Not Found", list(_ERROR_HEADERS))
-                return [error_page(404)]
+        if self.script_name and not _mount(environ, self.script_name):
+            start_response("404 Not Found", list(_ERROR_HEADERS))
+            return [error_page(404)]
         req, resp = Request(environ, self), Response()
         _local.request, _local.response = req, resp
         try:
@@ -2059,10 +2007,8 @@ class Application:
             raise  # the server's business (close, or 408), not a handler bug
         except Exception:
             _logger().exception("Error in handler for %s %s", req.method, req.path)
-            detail = None
-            if req.show_tracebacks:
-                import traceback
-                detail = traceback.format_exc()
+            import traceback
+            detail = traceback.format_exc() if req.show_tracebacks else None
             body = self.error(resp, 500, None, None, detail)
         if "_uploads" in req.__dict__:  # temporary files live until the body is sent
             body = _release_uploads(req, body)
@@ -2092,7 +2038,7 @@ class Application:
             handler = method
         query, body = _query_params(req.query_string), _body_params(req)
         req.params = _merge(query, body)
-        result = handler(*args, **_bind(handler, args, query, body))
+        result = handler(*args, **_bind(handler, args, query, req.params))
         return _body_of(result, resp)
 
     def redirect(self, req, resp, redirect):
@@ -2207,9 +2153,7 @@ def _method_handler(handler, method):
         allowed = [m for m in _METHODS if hasattr(handler, m)]
         if "GET" in allowed and "HEAD" not in allowed:
             allowed.insert(1, "HEAD")
-        err = HTTPError(405, "%s is not allowed here." % method)
-        err.headers = [("Allow", ", ".join(allowed))]
-        raise err
+        raise HTTPError(405, "%s is not allowed here." % method, [("Allow", ", ".join(allowed))])
     return found
 
 
@@ -2232,8 +2176,7 @@ def _spec(handler):
         required = names[:len(names) - len(func.__defaults__ or ())]
         kwonly = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
         required += tuple(k for k in kwonly if k not in (func.__kwdefaults__ or {}))
-        spec = (names, required, frozenset(names + kwonly), bool(code.co_flags & 4),
-                bool(code.co_flags & 8))
+        spec = (names, required, frozenset(names + kwonly), bool(code.co_flags & 4), bool(code.co_flags & 8))
     if len(_specs) < 10000:
         _specs[func] = spec
     return spec
@@ -2248,17 +2191,15 @@ def _spec_from_signature(handler):
     required = tuple(p.name for p in params if p.default is kinds.empty
                      and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
     return (positional, required, frozenset(keyword),
-            any(p.kind == kinds.VAR_POSITIONAL for p in params),
-            any(p.kind == kinds.VAR_KEYWORD for p in params))
+            any(p.kind == kinds.VAR_POSITIONAL for p in params), any(p.kind == kinds.VAR_KEYWORD for p in params))
 
 
-def _bind(handler, args, query, body) -> dict:
+def _bind(handler, args, query, params) -> dict:
     """The keyword arguments for ``handler``; NotFound or 400 if they do not fit."""
     positional, required, names, varargs, varkw = _spec(handler)
     if len(args) > len(positional) and not varargs:
         raise NotFound()
     taken = positional[:len(args)]
-    params = _merge(query, body) if body else query
     for name in params:
         if name in taken or (name not in names and not varkw):
             raise NotFound() if name in query else HTTPError(400, "Unexpected parameter %r." % name)
@@ -2269,16 +2210,11 @@ def _bind(handler, args, query, body) -> dict:
 
 
 def _merge(query: dict, body: dict) -> dict:
+    """Query then body parameters; a name given more than once gets the list of its values."""
     if not body:
         return query
-    merged = dict(query)
-    for name, value in body.items():
-        if name in merged:
-            old = merged[name] if isinstance(merged[name], list) else [merged[name]]
-            merged[name] = old + (value if isinstance(value, list) else [value])
-        else:
-            merged[name] = value
-    return merged
+    return _pairs_to_dict((name, v) for params in (query, body) for name, value in params.items()
+                          for v in (value if isinstance(value, list) else [value]))
 
 
 def _pairs_to_dict(pairs) -> dict:
@@ -2293,30 +2229,28 @@ def _pairs_to_dict(pairs) -> dict:
     return params
 
 
-def _query_params(query: str) -> dict:
-    if not query:
-        return {}
+def _form_dict(text: str, max_fields: int, status: int, message: str) -> dict:
     from urllib.parse import parse_qsl
     try:
-        return _pairs_to_dict(parse_qsl(query, keep_blank_values=True, max_num_fields=1000))
+        return _pairs_to_dict(parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields))
     except ValueError:
-        raise HTTPError(400, "Too many query parameters.") from None
+        raise HTTPError(status, message) from None
+
+
+def _query_params(query: str) -> dict:
+    return _form_dict(query, 1000, 400, "Too many query parameters.") if query else {}
 
 
 def _body_params(req) -> dict:
     ctype = req.environ.get("CONTENT_TYPE", "")
     kind = ctype.partition(";")[0].strip(" \t").lower()
     if kind == "application/x-www-form-urlencoded":
-        from urllib.parse import parse_qsl
         limit = req.app.config["request.max_form_field_size"]
         data = req.body.read(limit + 1)
         if len(data) > limit:
             raise HTTPError(413, "Form body too large.")
-        data, parts = data.decode("utf-8", "replace"), req.app.config["request.max_form_parts"]
-        try:
-            return _pairs_to_dict(parse_qsl(data, keep_blank_values=True, max_num_fields=parts))
-        except ValueError:
-            raise HTTPError(413, "Too many form fields.") from None
+        parts = req.app.config["request.max_form_parts"]
+        return _form_dict(data.decode("utf-8", "replace"), parts, 413, "Too many form fields.")
     if kind == "multipart/form-data":
         return parse_multipart(req, ctype)
     return {}
@@ -2380,8 +2314,7 @@ class VirtualHost:
         host, scheme = req.environ.get("HTTP_HOST", ""), req.environ.get("wsgi.url_scheme", "http")
         if self.use_x_forwarded_host:
             trusted = self.trusted_proxies
-            networks = _trusted_networks(req.app.config["server.trusted_proxies"] if trusted is None
-                                         else trusted)
+            networks = _trusted_networks(req.app.config["server.trusted_proxies"] if trusted is None else trusted)
             if _is_trusted(req.environ.get("REMOTE_ADDR", ""), networks):
                 _, proto, forwarded = _forwarded_hop(req.environ, networks)
                 host, scheme = forwarded or host, proto or scheme
@@ -2486,12 +2419,6 @@ def _auth_params(text: str) -> dict:
     return params
 
 
-def _refuse(challenges: list, message: str = "Authentication required.") -> HTTPError:
-    err = HTTPError(401, message)
-    err.headers = challenges
-    return err
-
-
 def auth_basic(realm: str, users: dict = None, checkpassword=None):
     """Decorator: HTTP Basic (RFC 7617) on a class (its whole subtree) or a handler; give
     ``users={name: password}`` or ``checkpassword(realm, user, password) -> bool``."""
@@ -2511,7 +2438,7 @@ def auth_basic(realm: str, users: dict = None, checkpassword=None):
         if token is False:
             return
         if token is None:
-            raise _refuse(challenge)
+            raise HTTPError(401, "Authentication required.", challenge)
         try:  # an empty token decodes to "", which has no colon: 400
             text = base64.b64decode(token, validate=True).decode("utf-8")
         except ValueError:  # binascii.Error, non-ASCII text, UnicodeDecodeError
@@ -2521,19 +2448,17 @@ def auth_basic(realm: str, users: dict = None, checkpassword=None):
         if not colon or re.search(r"[\x00-\x1f\x7f]", text):
             raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
         if not checkpassword(realm, user, password):
-            raise _refuse(challenge, "Wrong user name or password.")
+            raise HTTPError(401, "Wrong user name or password.", challenge)
         req.login = user
     return lambda target: _add_hook(target, hook)
 
 
 def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-256", "MD5"),
                 nonce_lifetime: float = 300.0, userhash: bool = False, clock=time.monotonic):
-    """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler.
-
-    Give ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None``
-    (H(user:realm:password): no password stored).  One challenge per ``algorithms`` entry
-    (MD5, SHA-256, SHA-512-256, each also -sess), most preferred first: urllib reads only
-    the first and knows only MD5.  ``userhash`` needs ``users``.
+    """Decorator: HTTP Digest (RFC 7616) on a class (its whole subtree) or a handler; give
+    ``users={name: password}`` or ``get_ha1(realm, user, algorithm) -> hex or None`` (H(user:realm:password):
+    no password stored).  One challenge per ``algorithms`` entry (MD5, SHA-256, SHA-512-256, each also
+    -sess), most preferred first: urllib reads only the first and knows only MD5.  ``userhash`` needs ``users``.
     """
     hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
     return lambda target: _add_hook(target, hook)
@@ -2591,7 +2516,7 @@ class _Digest:
         if text is False:
             return  # already admitted: running twice would look like a replay
         if text is None:
-            raise _refuse(self.challenges())
+            raise HTTPError(401, "Authentication required.", self.challenges())
         p = _auth_params(text)
         missing = [k for k in ("realm", "nonce", "uri", "response", "qop", "nc", "cnonce") if k not in p]
         if missing or ("username" in p) == ("username*" in p):
@@ -2606,7 +2531,7 @@ class _Digest:
         algorithm, issued = p.get("algorithm", "MD5").upper(), self.issued(p["nonce"])
         if (p["realm"] != self.realm or algorithm not in self.algorithms or issued is None
                 or not hmac.compare_digest(p.get("opaque", self.opaque).encode(), self.opaque.encode())):
-            raise _refuse(self.challenges())
+            raise HTTPError(401, "Authentication required.", self.challenges())
         user = self.username(p, algorithm)
         ha1 = None if user is None else self.get_ha1(self.realm, user, algorithm.replace("-SESS", ""))
         if ha1 is not None and algorithm.endswith("-SESS"):
@@ -2617,11 +2542,11 @@ class _Digest:
         expected = self.h(algorithm, "%s:%s:%s:%s:%s:%s" % (
             ha1 or os.urandom(16).hex(), p["nonce"], p["nc"], p["cnonce"], p["qop"], self.h(algorithm, a2)))
         if not hmac.compare_digest(expected.encode(), p["response"].lower().encode()) or ha1 is None:
-            raise _refuse(self.challenges(), "Wrong user name or password.")
+            raise HTTPError(401, "Wrong user name or password.", self.challenges())
         if not self.fresh(p["nonce"], issued, int(p["nc"], 16)):
             # RFC 7616 3.3: stale "indicates that the previous request from the client was
             # rejected because the nonce value was stale": the client retries, not the user.
-            raise _refuse(self.challenges(stale=True), "The nonce is used up or expired.")
+            raise HTTPError(401, "The nonce is used up or expired.", self.challenges(stale=True))
         req.login = user
 
     def username(self, p: dict, algorithm: str):
@@ -2759,21 +2684,16 @@ def _byte_range(req, size: int, etag: str, last_modified: str):
     else:  # suffix-range: the last N bytes
         start, end = max(0, size - int(last)), size - 1
     if start >= size or start > end or (not first and not int(last)):
-        err = HTTPError(416, "Range not satisfiable.")
-        err.headers = [("Content-Range", "bytes */%d" % size)]
-        raise err
+        raise HTTPError(416, "Range not satisfiable.", [("Content-Range", "bytes */%d" % size)])
     response.status = 206
     response.headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
     response.headers["Content-Length"] = end - start + 1
     return start, end - start + 1
 
 
-def serve_file(path: str, content_type: str = None, disposition: str = None, *,
-               cache_control: str = None):
-    """Answer with the file at ``path`` as a FileWrapper: validators, 304/412, one Range, HEAD.
-
-    ``disposition`` ("attachment" or "inline") adds a Content-Disposition naming the file.
-    """
+def serve_file(path: str, content_type: str = None, disposition: str = None, *, cache_control: str = None):
+    """Answer with the file at ``path`` as a FileWrapper: validators, 304/412, one Range, HEAD;
+    ``disposition`` ("attachment" or "inline") adds a Content-Disposition naming the file."""
     import stat as modes
     try:
         file = open(path, "rb")
@@ -2996,11 +2916,8 @@ def _part_head(block: bytes):
 
 
 def parse_multipart(req, content_type: str) -> dict:
-    """Parse a multipart/form-data body as a stream into fields (str) and Parts.
-
-    413 past request.max_form_parts parts or request.max_form_field_size bytes of
-    fields (all non-file fields together); files spool to disk past upload_spool_size.
-    """
+    """Parse a multipart/form-data body as a stream into fields (str) and Parts; 413 past
+    request.max_form_parts parts or request.max_form_field_size bytes of all non-file fields."""
     config, blocks, delimiter = req.app.config, _Blocks(req.body), b"\r\n--" + _boundary(content_type)
     parts = req.__dict__.setdefault("_uploads", [])  # Application closes them after the response
     pairs, budget = [], config["request.max_form_field_size"]
@@ -3352,10 +3269,9 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
     if not fallback:
         _child_ready(False)
         return 1
-    detail = None
-    if config["request.show_tracebacks"]:
-        import traceback
-        detail = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+    import traceback
+    trace = traceback.format_exception(type(cause), cause, cause.__traceback__)
+    detail = "".join(trace) if config["request.show_tracebacks"] else None
     page = error_page(500, "The application failed to load: %s" % error, detail)
 
     def error_app(environ, start_response):
@@ -3406,8 +3322,7 @@ def serve(app, config: dict, sock=None) -> None:
     elif config["engine.autoreload.on"]:
         _supervise(config, sock, _how_started())
         return
-    server = Server(app, config["server.socket_host"], config["server.socket_port"],
-                    sock=sock, config=config)
+    server = Server(app, config["server.socket_host"], config["server.socket_port"], sock=sock, config=config)
     server._prepare()
     if _CHILD is not None:
         _child_ready()
@@ -3488,16 +3403,14 @@ def _arg_parser():
     parser.add_argument("--keyfile", help="alias of --server.ssl_private_key")
     table = parser.add_argument_group("settings (the LIMITS table: key, default, why)")
     for key, default, unit, why in LIMITS:
-        table.add_argument("--" + key, metavar=unit.upper(), dest=key,
-                           help="%s [default: %r]" % (why, default))
+        table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %r]" % (why, default))
     return parser
 
 
 def _cli_config(args) -> dict:
     values = load_config(args.config) if args.config else make_config()
-    aliases = {"host": "server.socket_host", "port": "server.socket_port",
-               "threads": "server.thread_pool", "certfile": "server.ssl_certificate",
-               "keyfile": "server.ssl_private_key"}
+    aliases = {"host": "server.socket_host", "port": "server.socket_port", "threads": "server.thread_pool",
+               "certfile": "server.ssl_certificate", "keyfile": "server.ssl_private_key"}
     for alias, key in aliases.items():
         if getattr(args, alias) is not None:
             values[key] = _convert(key, getattr(args, alias))
@@ -3534,8 +3447,7 @@ def main(argv=None) -> int:
         return 2
     except OSError as exc:
         print("minipub: error: cannot listen on %s port %s: %s" % (
-            config["server.socket_host"], config["server.socket_port"],
-            exc.strerror or exc), file=sys.stderr)
+            config["server.socket_host"], config["server.socket_port"], exc.strerror or exc), file=sys.stderr)
         return 2
     if reload:
         return _supervise(config, sock, ["target", args.target])
