@@ -59,7 +59,8 @@ __all__ = [
     "expose", "request", "response", "Application", "Server", "quickstart", "HTTPError", "HTTPRedirect",
     "NotFound", "ProtocolError", "ConfigError", "RequestParser", "RequestHead", "LIMITS", "make_config",
     "load_config", "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
-    "StaticDir", "serve_file", "Part",
+    "StaticDir", "serve_file", "Part", "Request", "Response", "HeaderDict", "FileWrapper", "NEED_DATA",
+    "END_OF_MESSAGE",
 ]
 
 # Heavy modules (ssl, json, inspect, logging, email, tempfile, urllib.parse,

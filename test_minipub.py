@@ -9,10 +9,12 @@ import hashlib
 import html
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -20,8 +22,8 @@ import time
 import urllib.request
 import wsgiref.util
 import wsgiref.validate
+import zlib
 from urllib.parse import urlencode, urlsplit
-from wsgiref.util import setup_testing_defaults
 from wsgiref.validate import validator
 
 import pytest
@@ -1719,11 +1721,6 @@ def test_auth_garbage_over_the_wire_gets_quick_answers(serve):
 # Tools: static files
 # ===========================================================================
 
-import hashlib  # noqa: E402  (used by the static and upload sections)
-import json  # noqa: E402
-import shutil  # noqa: E402
-import struct  # noqa: E402
-import zlib  # noqa: E402
 
 
 def _png(width, height, rgb):
@@ -2553,7 +2550,7 @@ def test_cli_serves_a_plain_wsgi_callable(tmp_path):
 
 
 def test_runs_under_gunicorn_with_workers(tmp_path):
-    gunicorn = pytest.importorskip("gunicorn")
+    pytest.importorskip("gunicorn")
     (tmp_path / "gapp.py").write_text(
         "import minipub, os\n"
         "class Root:\n"
@@ -2993,9 +2990,6 @@ def test_example_runs_from_the_command_line(name, path, expected):
 # ===========================================================================
 # Hostile clients and load
 # ===========================================================================
-
-import logging  # noqa: E402
-import struct  # noqa: E402
 
 try:  # hypothesis is a test-only dependency; without it only the fuzz tests skip
     from hypothesis import HealthCheck, given, settings, strategies as st
