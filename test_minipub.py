@@ -3168,10 +3168,11 @@ def test_hostile_limits_over_the_wire(serve, data, status):
 
 def test_hostile_pipelined_requests_yield_the_worker(serve):
     """After max_pipelined_requests a connection goes behind a waiting one."""
-    order, release = [], threading.Event()
+    order, release, entered = [], threading.Event(), threading.Event()
 
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/a0":  # hold the only worker until B's head is queued
+            entered.set()
             release.wait(5)
         order.append(environ["PATH_INFO"])
         start_response("200 OK", [("Content-Length", "0")])
@@ -3179,10 +3180,11 @@ def test_hostile_pipelined_requests_yield_the_worker(serve):
     for count in (16, 17):
         order.clear()
         release.clear()
+        entered.clear()
         server = serve(app, thread_pool=1, max_pipelined_requests=16)
         a = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         a.sendall(b"".join(h_get(b"/a%d" % i) for i in range(count)))
-        assert h_wait_for(lambda: order == [] and len(server._pending) == 0)
+        assert entered.wait(5) and order == [] and len(server._pending) == 0
         b = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         b.sendall(h_get(b"/b"))
         assert h_wait_for(lambda: len(server._pending) == 1)
