@@ -65,22 +65,37 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def exchange(port, data, timeout=5.0, until_close=True):
+def exchange(port, data, timeout=5.0):
     """Send raw bytes; return everything received until the peer closes (or timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
-        chunks, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if not until_close and b"\r\n\r\n" in b"".join(chunks):
-                break
-        return b"".join(chunks)
+        return recv_until_close(sock, timeout)[0]
+
+
+def recv_until_close(sock, timeout=5.0):
+    """(bytes received, closed?): a close, or a reset after the answer (Linux keeps what arrived)."""
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return b"".join(chunks), False
+        except ConnectionResetError:  # closed too: the peer had unread bytes of ours
+            return b"".join(chunks), True
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+
+
+def wait_until(predicate, timeout=5.0, step=0.01):
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(step)  # polling a condition, bounded by the deadline
+    return True
 
 
 def responses(raw):
@@ -362,9 +377,7 @@ def test_stop_finishes_in_flight_requests_and_leaks_no_threads(serve):
     client.join(10)
     assert responses(result["raw"])[0][2] == b"finished"
     assert b"Connection: close" in result["raw"]
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: threading.active_count() <= before)
     assert threading.active_count() == before
 
 
@@ -372,9 +385,7 @@ def test_serve_forever_in_a_thread_installs_no_signal_handlers():
     server = minipub.Server(hello_app, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
-    deadline = time.monotonic() + 5
-    while not server._ready.is_set() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert server._ready.wait(5)
     assert responses(exchange(server.port, b"GET / HTTP/1.0\r\n\r\n"))[0][2] == b"hello "
     server.stop()
     thread.join(5)
@@ -3029,15 +3040,6 @@ def _rst(sock):
     sock.close()
 
 
-def h_wait_for(predicate, timeout=5.0, step=0.01):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(step)  # polling a condition, bounded by the deadline
-    return True
-
-
 @pytest.fixture
 def error_records():
     """ERROR-level records of minipub's loggers, whatever configure_logging did before."""
@@ -3048,28 +3050,6 @@ def error_records():
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
-
-
-def _exchange(port, data, timeout=5.0):
-    """Like exchange(), but a reset after the response (Linux keeps what arrived) ends it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        return _recv_until_close(sock, timeout)[0]
-
-
-def _recv_until_close(sock, timeout=5.0):
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            return b"".join(chunks), False
-        except ConnectionResetError:  # closed too: the peer had unread bytes of ours
-            return b"".join(chunks), True
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
 
 
 # -- limits at the limit and one past -------------------------------------------
@@ -3157,7 +3137,7 @@ def test_hostile_body_size_limit_parser():
         "length", "length+1", "chunked", "chunked+1"])
 def test_hostile_limits_over_the_wire(serve, data, status):
     server = serve(hello_app, max_request_body_size=1000)
-    raw = _exchange(server.port, data + h_get(b"/", b"Connection: close\r\n"))
+    raw = exchange(server.port, data + h_get(b"/", b"Connection: close\r\n"))
     assert _status(raw) == status
     answers = responses(raw)
     if status == 200:  # the connection stays usable: the second request is answered
@@ -3191,9 +3171,9 @@ def test_hostile_pipelined_requests_yield_the_worker(serve):
         assert entered.wait(5) and order == [] and len(server._pending) == 0
         b = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         b.sendall(h_get(b"/b"))
-        assert h_wait_for(lambda: len(server._pending) == 1)
+        assert wait_until(lambda: len(server._pending) == 1)
         release.set()
-        assert h_wait_for(lambda: len(order) == count + 1)
+        assert wait_until(lambda: len(order) == count + 1)
         assert order.index("/b") == 16
         a.close()
         b.close()
@@ -3228,7 +3208,7 @@ def test_hostile_head_deadline_silent_client_is_closed(serve):
     server = serve(hello_app, head_timeout=0.3)
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         start = time.monotonic()
-        raw, closed = _recv_until_close(sock)
+        raw, closed = recv_until_close(sock)
     assert raw == b"" and closed and time.monotonic() - start < 3
 
 
@@ -3237,7 +3217,7 @@ def test_hostile_keepalive_idle_timeout(serve):
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(h_get())
         start = time.monotonic()
-        raw, closed = _recv_until_close(sock)
+        raw, closed = recv_until_close(sock)
     assert responses(raw)[0][2] == b"hello " and closed
     assert 0.25 < time.monotonic() - start < 3
 
@@ -3280,11 +3260,11 @@ def test_hostile_connection_cap_answers_503_at_once(serve):
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as fourth:
         fourth.sendall(h_get())
-        raw, closed = _recv_until_close(fourth)
+        raw, closed = recv_until_close(fourth)
     assert _status(raw) == 503 and closed and time.monotonic() - start < 1
     assert b"nosniff" in raw
     held.pop().close()
-    assert h_wait_for(lambda: _status(_exchange(server.port, h_get(b"/", b"Connection: close\r\n"))) == 200)
+    assert wait_until(lambda: _status(exchange(server.port, h_get(b"/", b"Connection: close\r\n"))) == 200)
     for sock in held:
         sock.close()
 
@@ -3345,12 +3325,12 @@ def test_hostile_resets_at_every_point_cost_nothing(error_records):
             _rst(sock)
             assert closed.wait(5)  # the app's iterable was closed
             assert exchange(port, ok).endswith(b"hello ")
-        assert h_wait_for(lambda: len(server._conns) == 0)
+        assert wait_until(lambda: len(server._conns) == 0)
     finally:
         server.stop(10)
     assert not [r.getMessage() for r in error_records]
-    assert h_wait_for(lambda: threading.active_count() == threads)
-    assert h_wait_for(lambda: _fd_count() == fds)
+    assert wait_until(lambda: threading.active_count() == threads)
+    assert wait_until(lambda: _fd_count() == fds)
 
 
 # -- response side --------------------------------------------------------------
@@ -3514,6 +3494,6 @@ def test_hostile_framework_body_error_says_close(serve):
         def index(self):
             return "%d" % len(minipub.request.body.read())
     server = serve(minipub.Application(Root()), max_request_body_size=1000)
-    raw = _exchange(server.port, _chunked([b"a" * 999, b"bc"]) + h_get())
+    raw = exchange(server.port, _chunked([b"a" * 999, b"bc"]) + h_get())
     answers = responses(raw)
     assert [a[0] for a in answers] == [413] and answers[0][1]["connection"] == "close"
