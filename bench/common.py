@@ -197,52 +197,46 @@ def run_cmd(argv, timeout):
         return -9, out, "timed out after %ss" % timeout
 
 
-def parse_wrk(text):
-    """Parse `wrk --latency` output into a dict."""
-    res = {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None,
-           "non2xx": 0, "socket_errors": 0}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if m:
-        res["rps"] = float(m.group(1))
-    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
-        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s|m|h)\s*$" % pct, text, re.M)
+def _grab(res, text, fields, flags=0):
+    """Set res[key] = conv(first group) for each (key, pattern, conv) that matches ``text``."""
+    for key, pattern, conv in fields:
+        m = re.search(pattern, text, flags)
         if m:
-            res[key] = _to_ms(m.group(1), m.group(2))
-    m = re.search(r"(\d+) requests in", text)
-    if m:
-        res["requests"] = int(m.group(1))
-    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    if m:
-        res["non2xx"] = int(m.group(1))
+            res[key] = conv(*m.groups())
+    return res
+
+
+def _empty():
+    return {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None, "non2xx": 0, "socket_errors": 0}
+
+
+_WRK_LATENCY = r"^\s+%s%%\s+([\d.]+)(us|ms|s|m|h)\s*$"
+_WRK = [("rps", r"Requests/sec:\s+([\d.]+)", float),
+        ("p50_ms", _WRK_LATENCY % "50", _to_ms),
+        ("p99_ms", _WRK_LATENCY % "99", _to_ms),
+        ("requests", r"(\d+) requests in", int),
+        ("non2xx", r"Non-2xx or 3xx responses:\s+(\d+)", int)]
+_AB = [("rps", r"Requests per second:\s+([\d.]+)", float),
+       ("requests", r"Complete requests:\s+(\d+)", int),
+       ("socket_errors", r"Failed requests:\s+(\d+)", int),
+       ("non2xx", r"Non-2xx responses:\s+(\d+)", int),
+       ("p50_ms", r"^\s+50%\s+(\d+)", float),
+       ("p99_ms", r"^\s+99%\s+(\d+)", float)]
+
+
+def parse_wrk(text):
+    """Parse `wrk --latency` output into a dict (latencies in ms)."""
+    res = _grab(_empty(), text, _WRK, re.M)
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     if m:
-        res["socket_errors"] = sum(int(x) for x in m.groups())
-        res["socket_detail"] = dict(zip(("connect", "read", "write", "timeout"),
-                                        (int(x) for x in m.groups())))
+        detail = dict(zip(("connect", "read", "write", "timeout"), (int(x) for x in m.groups())))
+        res["socket_errors"], res["socket_detail"] = sum(detail.values()), detail
     return res
 
 
 def parse_ab(text):
     """Parse ApacheBench output into a dict (latencies in ms)."""
-    res = {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None,
-           "non2xx": 0, "socket_errors": 0}
-    m = re.search(r"Requests per second:\s+([\d.]+)", text)
-    if m:
-        res["rps"] = float(m.group(1))
-    m = re.search(r"Complete requests:\s+(\d+)", text)
-    if m:
-        res["requests"] = int(m.group(1))
-    m = re.search(r"Failed requests:\s+(\d+)", text)
-    if m:
-        res["socket_errors"] = int(m.group(1))
-    m = re.search(r"Non-2xx responses:\s+(\d+)", text)
-    if m:
-        res["non2xx"] = int(m.group(1))
-    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
-        m = re.search(r"^\s+%s%%\s+(\d+)" % pct, text, re.M)
-        if m:
-            res[key] = float(m.group(1))
-    return res
+    return _grab(_empty(), text, _AB, re.M)
 
 
 def run_wrk(url, connections=10, threads=2, duration=5, timeout_s=2, extra=()):
