@@ -590,7 +590,7 @@ class Server:
                     os.write(fd, _simple_response(400, "This port speaks HTTPS; use an https:// URL.\n"))
                     # ssl read only the first bytes; closing with the rest unread
                     # would send a RST that can destroy the 400 before it is read.
-                    for _ in range(16):  # bounded: the poller must not be held
+                    for _ in range(16):  # bounded: the poll role must not be held
                         if not os.read(fd, _RECV):
                             break
                 except OSError:  # BlockingIOError ends the drain
@@ -601,7 +601,7 @@ class Server:
         return True
 
     def _reject(self, conn, err):
-        """Answer a framing error from the poller (non-blocking) and close."""
+        """Answer a framing error from the poll role (non-blocking), then close without a reset."""
         try:
             conn.sock.send(_simple_response(err.status, err.message))
         except OSError:
@@ -809,7 +809,7 @@ class Server:
                 self._wake()
 
     def _serve(self, conn) -> bool:
-        """Answer requests on ``conn``; True hands it back to the poller."""
+        """Answer requests on ``conn``; True hands it back to the poll role."""
         for _ in range(self.config["server.max_pipelined_requests"]):
             keep = _Exchange(self, conn).run()
             self._done += 1
@@ -2349,7 +2349,7 @@ def _attach_sni(context, app, config: dict) -> None:
                 for name, files in root.certificates.items()}  # a missing key or chain: ""
 
     def choose(sslobj, server_name, default):
-        # Runs in the poller during the non-blocking handshake: a dict lookup only.
+        # Runs in the poll role during the non-blocking handshake: a dict lookup only.
         chosen = contexts.get((server_name or "").lower().rstrip("."))
         if chosen is not None:
             sslobj.context = chosen
