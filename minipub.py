@@ -52,7 +52,8 @@ import sys
 import threading
 import time
 from collections import deque
-from functools import cached_property  # functools is loaded by re anyway
+import functools  # loaded by re anyway
+from functools import cached_property
 
 __version__ = "0.1.0"
 __all__ = [
@@ -170,23 +171,181 @@ def make_config(overrides=None) -> dict:
 
 
 def load_config(path: str) -> dict:
-    """Read an INI file's ``[global]`` section; values are Python literals, never executed."""
+    """The defaults updated with an INI file's ``[global]`` section (path sections are checked
+    too, and are the application's: see ``tree.mount``); values are Python literals, never executed."""
+    flat, sections = _read_ini(path)
+    for section, keys in sections.items():
+        for key, value in keys.items():
+            _check_key(key, value, "[%s]" % section)
+    values = make_config()
+    values.update((key, _check_key(key, value, "[global]")) for key, value in flat.items())
+    return values
+
+
+# -- layered configuration: namespaces and sections ----------------------------
+# CherryPy's three levels: the process (minipub.config, an INI [global]), an
+# application's path sections ({"/": {...}, "/static": {...}}, [/static]: that
+# path and below, the deepest wins) and ``_cp_config`` on the objects of the
+# tree (class < instance < handler, merged while walking).  Every key is
+# checked where it is given, by its namespace: a typo is a ConfigError that
+# names the key and its section, at startup, never a setting silently ignored.
+
+_HOOK_POINTS = ("on_start_resource", "before_request_body", "before_handler", "before_finalize",
+                "on_end_resource", "before_error_response", "after_error_response", "on_end_request")
+# Keys that make sense below the whole process: what a request may do, not how the server runs.
+_PATH_KEYS = frozenset(k for k in _ROWS if k.startswith("request.")) | {"server.max_request_body_size"}
+
+
+def _check_key(key: str, value, section: str):
+    """``value`` as stored for ``key`` in ``section`` ("[global]", "[/path]" or "_cp_config of X")."""
+    if key in _ROWS:
+        if section != "[global]" and key not in _PATH_KEYS:
+            raise ConfigError("config key %r in %s: it applies to the whole process; put it in [global]"
+                              % (key, section))
+        return _convert(key, value)
+    namespace, _, rest = key.partition(".")
+    check = _NAMESPACES.get(namespace)
+    if check is None or not rest:
+        raise ConfigError("unknown config key %r in %s" % (key, section))
+    return check(rest, value, key, section)
+
+
+def _check_tool_key(rest, value, key, section):
+    name, _, arg = rest.partition(".")
+    tool = tools.__dict__.get(name)
+    if not isinstance(tool, Tool):
+        known = ", ".join(sorted(n for n, t in vars(tools).items() if isinstance(t, Tool)))
+        raise ConfigError("unknown tool %r in config key %r in %s (tools: %s)" % (name, key, section, known))
+    if arg not in ("on", "priority") and not tool.accepts(arg):
+        raise ConfigError("tool %r takes no argument %r (config key %r in %s)" % (name, arg, key, section))
+    return value
+
+
+def _check_error_page_key(rest, value, key, section):
+    if not (rest == "default" or (rest.isdigit() and 400 <= int(rest) <= 599)):
+        raise ConfigError("config key %r in %s: use error_page.404 ... or error_page.default" % (key, section))
+    if not (callable(value) or isinstance(value, str)):
+        raise ConfigError("config key %r in %s wants a file path or a callable" % (key, section))
+    return value
+
+
+def _check_hooks_key(rest, value, key, section):
+    hooks = value if isinstance(value, (list, tuple)) else [value]
+    if rest not in _HOOK_POINTS or not all(callable(h) for h in hooks):
+        raise ConfigError("config key %r in %s: hooks.POINT = callable, POINT one of %s"
+                          % (key, section, ", ".join(_HOOK_POINTS)))
+    return tuple(hooks)
+
+
+def _check_request_key(rest, value, key, section):
+    if rest == "dispatch" and isinstance(value, Dispatcher):
+        return value
+    if rest == "error_response" and callable(value):
+        return value
+    raise ConfigError("unknown config key %r in %s" % (key, section))
+
+
+def _check_response_key(rest, value, key, section):
+    if rest.startswith("headers.") and _NAME.fullmatch(rest[8:]) and isinstance(value, str):
+        return value
+    if rest == "stream" and isinstance(value, bool):
+        return value  # generators are always streamed; the key is accepted for CherryPy programs
+    raise ConfigError("unknown config key %r in %s" % (key, section))
+
+
+_NAMESPACES = {"tools": _check_tool_key, "error_page": _check_error_page_key, "hooks": _check_hooks_key,
+               "request": _check_request_key, "response": _check_response_key}
+
+
+def _read_sections(config) -> tuple:
+    """A dict (flat keys, "global" and "/path" sections) or an INI path -> (global keys, {path: keys})."""
+    if config is None:
+        return {}, {}
+    if isinstance(config, (str, os.PathLike)):
+        return _read_ini(os.fspath(config))
+    if not isinstance(config, dict):
+        raise ConfigError("config must be a dict or an INI file's path, not %s" % type(config).__name__)
+    flat, sections = {}, {}
+    for key, value in config.items():
+        if key == "global" or key.startswith("/"):
+            if not isinstance(value, dict):
+                raise ConfigError("config section %r must be a dict of keys" % (key,))
+            if key == "global":
+                flat.update(value)
+            else:
+                path = key.rstrip("/") or "/"
+                sections.setdefault(path, {}).update(value)
+        else:
+            flat[key] = value
+    for path, keys in sections.items():
+        if "tools.staticdir.dir" in keys:  # the tool serves what lies below its own section
+            keys.setdefault("tools.staticdir.section", path)
+    return flat, sections
+
+
+def _read_ini(path: str) -> tuple:
     import ast
     import configparser
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # keys are case-sensitive, like CherryPy's
-    if not parser.read(path, encoding="utf-8"):
-        raise ConfigError("cannot read config file %r" % (path,))
-    unknown = [s for s in parser.sections() if s != "global"]
-    if unknown:
-        raise ConfigError("%s: unknown section [%s]; use [global]" % (path, unknown[0]))
-    values = {}
-    for key, text in parser.items("global") if parser.has_section("global") else ():
-        try:
-            values[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise ConfigError("%s: %s = %s is not a Python literal (quote strings)" % (path, key, text)) from None
-    return make_config(values)
+    try:
+        if not parser.read(path, encoding="utf-8"):
+            raise ConfigError("cannot read config file %r" % (path,))
+    except configparser.Error as exc:  # no section header, a line that is not key = value, ...
+        raise ConfigError("%s: %s" % (path, " ".join(str(exc).split()))) from None
+    config = {}
+    for section in parser.sections():
+        if section != "global" and not section.startswith("/"):
+            raise ConfigError("%s: unknown section [%s]; use [global] or a path such as [/static]"
+                              % (path, section))
+        values = config.setdefault(section, {})
+        for key, text in parser.items(section):
+            try:
+                values[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise ConfigError("%s: [%s] %s = %s is not a Python literal (quote strings)"
+                                  % (path, section, key, text)) from None
+    return _read_sections(config)
+
+
+class Settings(dict):
+    """``minipub.config``: the process-wide configuration (CherryPy's ``cherrypy.config``).
+
+    ``update()`` takes a dict or an INI path; only its global part is taken here (path sections
+    belong to an application).  Every change bumps ``version``, so applications re-merge the
+    configuration of a path once, at its next request, instead of on every request."""
+
+    def __init__(self):
+        super().__init__(make_config(), **_DEFAULT_TOOLS)
+        self.version = 0
+
+    def update(self, other=None, **more) -> None:
+        flat, sections = _read_sections(other)
+        if sections and isinstance(other, dict) and "global" not in other:
+            raise ConfigError("path sections %s belong to an application: pass them to tree.mount() or "
+                              "quickstart()" % ", ".join(sorted(sections)))
+        flat.update(more)
+        checked = {key: _check_key(key, value, "[global]") for key, value in flat.items()}
+        super().update(checked)
+        self.version += 1
+
+    def __setitem__(self, key, value):
+        self.update({key: value})
+
+    def reset(self) -> None:
+        """Back to the defaults of LIMITS (for tests)."""
+        self.clear()
+        super().update(make_config(), **_DEFAULT_TOOLS)
+        self.version += 1
+
+
+_DEFAULT_TOOLS = {"tools.trailing_slash.on": True}  # as CherryPy: an index gets its slash
+config = Settings()
+
+
+def _limits(settings) -> dict:
+    """The LIMITS keys of a configuration (what Server and the engine take)."""
+    return {key: settings[key] for key in _ROWS if key in settings}
 
 
 # ===========================================================================
@@ -197,11 +356,20 @@ def load_config(path: str) -> dict:
 # ===========================================================================
 
 class HTTPError(Exception):
-    """Answer the request with ``status``, an HTML page showing ``message`` and ``headers``."""
+    """Answer the request with ``status``, an error page showing ``message`` and ``headers``."""
 
     def __init__(self, status: int = 500, message: str = None, headers: list = None):
         self.status, self.message, self.headers = int(status), message, headers  # [(name, value)]
         super().__init__(status, message)
+
+    @property
+    def code(self) -> int:
+        return self.status
+
+    def set_response(self) -> None:
+        """Make minipub.response this error's page now (CherryPy's HTTPError.set_response)."""
+        req = _local.request
+        req.app.error(req, _local.response, self.status, self.message, self.headers)
 
 
 class NotFound(HTTPError):
@@ -210,13 +378,20 @@ class NotFound(HTTPError):
 
 
 class HTTPRedirect(Exception):
-    """Redirect to ``url`` (made absolute against the request) with a 3xx status."""
+    """Redirect to ``urls`` (a URL or a list; the first is used) with a 3xx status, 303 by default;
+    each is made absolute against the request."""
 
-    def __init__(self, url: str, status: int = 303):
-        if not 300 <= int(status) <= 399:
-            raise ValueError("redirect status must be 3xx, not %r" % (status,))
-        self.url, self.status = url, int(status)
-        super().__init__(url, status)
+    def __init__(self, urls, status: int = None):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        status = 303 if status is None else int(status)
+        if not 300 <= status <= 399 or not self.urls:
+            raise ValueError("a redirect needs a URL and a 3xx status, not %r" % (status,))
+        self.url, self.status = self.urls[0], status
+        super().__init__(self.url, status)
+
+    def set_response(self) -> None:
+        req = _local.request
+        req.app.redirect(req, _local.response, self)
 
 
 class ProtocolError(HTTPError):
@@ -1317,14 +1492,25 @@ def status_line(code: int) -> str:
     return line
 
 
+def _sentence(status: int) -> str:
+    """What a status means, in a sentence, for a page that has no message of its own."""
+    from http import HTTPStatus
+    try:
+        return HTTPStatus(status).description.rstrip(".") + "."
+    except ValueError:
+        return "The server answered with status %d." % status
+
+
 def error_page(status: int, message: str = None, detail: str = None) -> bytes:
-    """A small HTML page; everything reflected in it is escaped."""
+    """A small self-contained HTML page; everything reflected in it is escaped."""
     from html import escape
     title = escape(status_line(status))
-    text = "<p>%s</p>" % escape(message) if message else ""
     pre = "<pre>%s</pre>" % escape(detail) if detail else ""
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>%s</title></head>"
-            "<body><h1>%s</h1>%s%s</body></html>\n" % (title, title, text, pre)).encode("utf-8")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>%s</title><style>body{font:16px/1.5 "
+            "system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em;color:#222}h1{font-size:1.4em;"
+            "border-bottom:1px solid #ccc}pre{background:#f4f4f4;padding:1em;overflow:auto}</style></head>"
+            "<body><h1>%s</h1><p>%s</p>%s</body></html>\n" % (title, title, escape(message or _sentence(status)),
+                                                           pre)).encode("utf-8")
 
 
 _ERROR_HEADERS = [("Content-Type", "text/html; charset=utf-8"), ("X-Content-Type-Options", "nosniff")]
@@ -1785,7 +1971,14 @@ def _request_headers(environ) -> HeaderDict:
 
 
 class Request:
-    """What the client asked: minipub.request while a handler runs."""
+    """What the client asked: minipub.request while a handler runs.
+
+    ``config`` is the merged, read-only configuration of this request's path, ``app`` the
+    mounted Application, ``handler`` what the dispatcher found (a tool may replace it, or set
+    it to None when it answered itself), ``params`` the query and form parameters."""
+
+    handler, is_index, json, login = None, False, None, None
+    process_request_body = True
 
     def __init__(self, environ, app):
         self.environ, self.app = environ, app
@@ -1799,9 +1992,10 @@ class Request:
         self.host = environ.get("HTTP_HOST") or "%s:%s" % (
             environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "80"))
         self.body = environ["wsgi.input"]
-        self.params, self.login = {}, None
-        self.show_tracebacks = app.config["request.show_tracebacks"]
-        _apply_forwarded(self, app.config["server.trusted_proxies"])
+        self.params, self.hooks = {}, _NO_HOOKS
+        base = app.config
+        self.config, self.show_tracebacks = base, base["request.show_tracebacks"]
+        _apply_forwarded(self, base["server.trusted_proxies"])
 
     @property
     def base(self) -> str:
@@ -1811,6 +2005,17 @@ class Request:
     def url(self) -> str:
         return self.base + _quote_path(self.path) + ("?" + self.query_string if self.query_string else "")
 
+    @property
+    def wsgi_environ(self) -> dict:  # CherryPy's name
+        return self.environ
+
+    @cached_property
+    def remote(self):
+        """CherryPy's request.remote: ip, port and name of the client."""
+        from types import SimpleNamespace
+        return SimpleNamespace(ip=self.remote_addr, port=int(self.environ.get("REMOTE_PORT") or 0),
+                               name=self.remote_addr)
+
     @cached_property
     def headers(self) -> HeaderDict:
         return _request_headers(self.environ)
@@ -1818,6 +2023,18 @@ class Request:
     @cached_property
     def cookies(self) -> dict:
         return _parse_cookies(self.environ.get("HTTP_COOKIE", ""))
+
+    @cached_property
+    def cookie(self):
+        """CherryPy's request.cookie, an http.cookies.SimpleCookie of what the client sent."""
+        from http.cookies import SimpleCookie
+        jar = SimpleCookie()
+        for name, value in self.cookies.items():
+            try:
+                jar[name] = value
+            except Exception:  # http.cookies.CookieError: a name SimpleCookie refuses
+                pass
+        return jar
 
 
 def _utf8(text: str) -> str:
@@ -1944,11 +2161,13 @@ def _node_ip(node: str) -> str:
 
 
 class Response:
-    """What the handler answers: minipub.response while a handler runs."""
+    """What the handler answers: minipub.response while a handler runs.  ``body`` holds the
+    handler's return value until the response is finalized (tools may change it)."""
 
     def __init__(self):
         self.status, self._headers, self.cookies = 200, HeaderDict(), []
         self.extra_fields = []  # repeatable fields a HeaderDict cannot hold
+        self.body = None
 
     @property
     def headers(self) -> HeaderDict:
@@ -1957,6 +2176,19 @@ class Response:
     @headers.setter
     def headers(self, value):
         self._headers = value if isinstance(value, HeaderDict) else HeaderDict(value)
+
+    @cached_property
+    def cookie(self):
+        """CherryPy's response.cookie: a SimpleCookie whose morsels become Set-Cookie fields."""
+        from http.cookies import SimpleCookie
+        return SimpleCookie()
+
+    def set_fields(self) -> list:
+        """Every header field to send, Set-Cookie included."""
+        fields = self._headers.fields() + self.extra_fields + [("Set-Cookie", c) for c in self.cookies]
+        if "cookie" in self.__dict__:
+            fields += [("Set-Cookie", morsel.OutputString()) for morsel in self.cookie.values()]
+        return fields
 
     def set_cookie(self, name: str, value: str, max_age: int = None, path: str = "/",
                    domain: str = None, secure: bool = None, httponly: bool = True, samesite: str = "Lax") -> None:
@@ -1984,82 +2216,248 @@ class Response:
 
 
 class Application:
-    """A PEP 3333 application serving the object tree under ``root``."""
+    """A PEP 3333 application serving the object tree under ``root``.
 
-    def __init__(self, root, config: dict = None, script_name: str = ""):
-        self.root = root
-        self.config = make_config(config)
-        self.script_name = script_name.rstrip("/")
+    ``config`` is a dict or an INI file's path: its flat keys and ``global`` section are this
+    application's defaults over ``minipub.config``; ``"/path"`` sections apply to that path and
+    below, the deepest winning; ``_cp_config`` on the tree's objects comes last (class, then
+    instance, then handler).  What depends only on the route (the merged configuration and the
+    hooks of the tools that are on) is worked out at its first request and cached."""
+
+    def __init__(self, root, config=None, script_name: str = ""):
+        self.root, self.script_name = root, script_name.rstrip("/")
+        flat, sections = _read_sections(config)
+        self.own = {key: _check_key(key, value, "[global]") for key, value in flat.items()}
+        self.sections = {path: {key: _check_key(key, value, "[%s]" % path) for key, value in keys.items()}
+                         for path, keys in sections.items()}
+        self._paths = sorted(self.sections, key=lambda p: (p != "/", p.count("/"), p))  # shallow first
+        self._plans, self._version, self._base = {}, None, None
         _trusted_networks(self.config["server.trusted_proxies"])  # a bad entry fails here, not per request
+        for path in self._paths:
+            self._check_static(path)
+        _check_tree(root)
+
+    @property
+    def config(self) -> dict:
+        """minipub.config updated with this application's own global keys."""
+        if self._version != config.version:  # minipub.config changed: merge again, once
+            base = dict(config)
+            base.update(self.own)
+            self._base, self._version = base, config.version
+            self._plans.clear()
+        return self._base
 
     def __call__(self, environ, start_response):
         if self.script_name and not _mount(environ, self.script_name):
             start_response("404 Not Found", list(_ERROR_HEADERS))
             return [error_page(404)]
+        return self.serve(environ, start_response)
+
+    def serve(self, environ, start_response):
+        """Answer a request whose SCRIPT_NAME already names this application's mount point."""
         req, resp = Request(environ, self), Response()
         _local.request, _local.response = req, resp
+        body = self.answer(req, resp)
+        if "_uploads" in req.__dict__:  # temporary files live until the body is sent
+            body = _release_uploads(req, body)
+        if "on_end_request" in req.hooks:
+            body = _ClosingBody(body, lambda: _run_safely(req, "on_end_request"))
+        if req.login is not None:
+            environ["REMOTE_USER"] = req.login
+        status = resp.status if isinstance(resp.status, str) else status_line(int(resp.status))
+        start_response(status, resp.set_fields())
+        return body
+
+    def answer(self, req, resp):
+        """The WSGI body, after the handler or an error; on_end_resource hooks run either way."""
         try:
-            body = self.respond(req, resp)
-        except HTTPRedirect as redirect:
-            body = self.redirect(req, resp, redirect)
-        except HTTPError as err:
-            body = self.error(resp, err.status, err.message, getattr(err, "headers", None))
+            try:
+                return self.respond(req, resp)
+            except HTTPRedirect as redirect:
+                self.redirect(req, resp, redirect)
+            except HTTPError as err:
+                self.error(req, resp, err.status, err.message, err.headers)
+            # As CherryPy: a redirect or error page is finalized too (a session is saved on a redirect).
+            _run_safely(req, "before_finalize")
+            return resp.body
         except (_ClientGone, _Timeout):
             raise  # the server's business (close, or 408), not a handler bug
         except Exception:
-            _logger().exception("Error in handler for %s %s", req.method, req.path)
-            import traceback
-            detail = traceback.format_exc() if req.show_tracebacks else None
-            body = self.error(resp, 500, None, None, detail)
-        if "_uploads" in req.__dict__:  # temporary files live until the body is sent
-            body = _release_uploads(req, body)
-        if req.login is not None:
-            environ["REMOTE_USER"] = req.login
-        fields = resp.headers.fields() + resp.extra_fields + [("Set-Cookie", c) for c in resp.cookies]
-        status = resp.status if isinstance(resp.status, str) else status_line(int(resp.status))
-        start_response(status, fields)
-        return body
+            return self.fail(req, resp)
+        finally:
+            if "on_end_resource" in req.hooks:
+                _run_safely(req, "on_end_resource")
 
     def respond(self, req, resp):
         root = self.root
         resolve = getattr(root, "_minipub_resolve", None)
         if resolve is not None:  # VirtualHost picks the tree by host
             root = resolve(req)
-        handler, args, trail, redirect = find_handler(root, req.path_info)
-        if redirect:
-            qs = "?" + req.query_string if req.query_string else ""
-            raise HTTPRedirect(_quote_path(req.script_name + req.path_info) + "/" + qs, 301)
-        if handler is None:
-            raise NotFound()
-        walked = trail if handler is trail[-1] else trail + [handler]
-        _run_hooks(walked, req)  # each node's hooks once, root first: a 401 comes before a 405
-        method = _method_handler(handler, req.method)
-        if method is not handler:
-            _run_hooks([method], req)
-            handler = method
-        query, body = _query_params(req.query_string), _body_params(req)
-        req.params = _merge(query, body)
-        result = handler(*args, **_bind(handler, args, query, req.params))
-        return _body_of(result, resp)
+        handler, args, trail, req.is_index = find_handler(root, req.path_info)
+        method, allowed = _method_handler(handler, req.method)
+        walked = trail if handler is None or handler is trail[-1] else trail + [handler]
+        if method is not None and method is not handler:
+            walked = walked + [method]
+        trailing = req.path_info[-1:] == "/"
+        plan = self._plan(req.path_info, walked, (handler is not None and req.is_index, trailing))
+        req.config, req.hooks, req.show_tracebacks = plan.config, plan.hooks, plan.tracebacks
+        if plan.allow and allowed:  # request.dispatch = MethodDispatcher(): Allow on every answer
+            resp.headers["Allow"] = ", ".join(allowed)
+        req.handler = method if method is not None else _refusal(handler, req.method, allowed)
+        hooks = plan.hooks
+        if hooks:
+            _run(hooks, "on_start_resource")
+            _run(hooks, "before_request_body")
+        query = _query_params(req.query_string)
+        req.params = _merge(query, _body_params(req) if req.process_request_body else {})
+        if hooks:
+            _run(hooks, "before_handler")
+        if req.handler is method and method is not None:
+            resp.body = method(*args, **_bind(method, args, query, req.params))
+        elif req.handler is not None:
+            resp.body = req.handler()
+        if hooks:
+            _run(hooks, "before_finalize")
+        return _body_of(resp.body, resp)
+
+    def _plan(self, path, walked, route):
+        sections = tuple(p for p in self._paths if p == "/" or path == p or path.startswith(p + "/"))
+        key = (sections, route) + tuple(id(getattr(node, "__func__", node)) for node in walked)
+        self.config  # noqa: B018 - refreshes the cache when minipub.config changed
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = _Plan(self, sections, walked, route)
+            if len(self._plans) < 4096:  # bounded: a default handler takes any path
+                self._plans[key] = plan
+        return plan
+
+    def _check_static(self, path):
+        keys = self.sections[path]
+        if "tools.staticdir.dir" in keys:
+            root = next((self.sections[p].get("tools.staticdir.root") for p in reversed(self._paths)
+                         if (p == "/" or path.startswith(p)) and "tools.staticdir.root" in self.sections[p]),
+                        self.config.get("tools.staticdir.root"))
+            _static_root(keys["tools.staticdir.dir"], root, "[%s]" % path)
 
     def redirect(self, req, resp, redirect):
         location = absolute_url(req, redirect.url)
         resp.status = redirect.status
         resp.headers = HeaderDict([("Location", location)] + _ERROR_HEADERS)
         from html import escape
-        return [('<!DOCTYPE html>\n<p>This resource is at <a href="%s">%s</a>.</p>\n'
-                 % (escape(location), escape(location))).encode("utf-8")]
+        req.failed = True
+        resp.body = [('<!DOCTYPE html>\n<p>This resource is at <a href="%s">%s</a>.</p>\n'
+                      % (escape(location), escape(location))).encode("utf-8")]
 
-    def error(self, resp, status, message, headers=None, detail=None):
-        resp.status = status
-        resp.headers = HeaderDict(_ERROR_HEADERS)
-        resp.cookies = []
+    def error(self, req, resp, status, message=None, headers=None, detail=None):
+        """Make the response an error page: error_page.CODE (a file or a callable), JSON for a
+        client that wants it, else minipub's page.  Cookies are kept (a 404 keeps a session)."""
+        req.failed = True
+        resp.status, resp.headers, resp.extra_fields = status, HeaderDict(_ERROR_HEADERS), []
         for name, value in headers or ():
             if name in resp.headers:  # a repeated field, e.g. one WWW-Authenticate per challenge
                 resp.extra_fields.append((name, str(HeaderDict([(name, value)])[name])))
             else:
                 resp.headers[name] = value
-        return [error_page(status, message, detail)]
+        resp.body = [_error_body(req, resp, status, message, detail)]
+
+    def fail(self, req, resp):
+        """An unexpected exception: logged, then request.error_response or a 500 page."""
+        _logger().exception("Error in handler for %s %s", req.method, req.path)
+        import traceback
+        detail = traceback.format_exc() if req.show_tracebacks else None
+        try:
+            _run(req.hooks, "before_error_response")
+            custom = req.config.get("request.error_response")
+            if custom is not None:
+                resp.status, resp.body = 500, None
+                custom()
+                resp.body = _body_of(resp.body, resp)
+            else:
+                self.error(req, resp, 500, None, None, detail)
+            _run(req.hooks, "after_error_response")
+        except Exception:  # the error handling itself failed: the plain page, never a loop
+            _logger().exception("Error while answering an error for %s", req.path)
+            self.error(req, resp, 500)
+        return resp.body
+
+
+class _Plan:
+    """What depends only on a route: the merged configuration and the hooks that are on."""
+
+    __slots__ = ("config", "hooks", "tracebacks", "allow", "pinned")
+
+    def __init__(self, app, sections, walked, route):
+        from types import MappingProxyType
+        merged = dict(app.config)
+        for path in sections:
+            merged.update(app.sections[path])
+        for node in walked:
+            for own in _cp_configs(node):
+                merged.update((key, _check_key(key, value, "_cp_config of %s" % _name_of(node)))
+                              for key, value in own.items())
+        self.config = MappingProxyType(merged)  # shared by the route's requests: read-only
+        self.hooks = _hooks_of(merged, route)
+        self.tracebacks = merged["request.show_tracebacks"]
+        self.allow = isinstance(merged.get("request.dispatch"), MethodDispatcher)
+        self.pinned = walked  # keeps the ids in the cache key from being reused
+
+
+_NO_HOOKS = {}
+
+
+def _cp_configs(node) -> list:
+    """The _cp_config dicts of one walked node: its class's, then its own (instance or function)."""
+    found = []
+    cls_conf = getattr(type(node), "_cp_config", None) if not callable(node) or isinstance(node, type) else None
+    own = getattr(node, "_cp_config", None)
+    for conf in (cls_conf, own):
+        if isinstance(conf, dict) and conf and not any(conf is f for f in found):
+            found.append(conf)
+    return found
+
+
+def _name_of(node) -> str:
+    return getattr(node, "__qualname__", None) or type(node).__qualname__
+
+
+def _check_tree(root, limit: int = 2000) -> None:
+    """Check every _cp_config reachable from ``root`` now, so a typo fails at startup."""
+    seen, todo = set(), [root]
+    while todo and len(seen) < limit:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for conf in _cp_configs(node):
+            for key, value in conf.items():
+                _check_key(key, value, "_cp_config of %s" % _name_of(node))
+        names = {}
+        for klass in reversed(type(node).__mro__[:-1]):
+            names.update(vars(klass))
+        names.update(getattr(node, "__dict__", {}))
+        for name, child in names.items():
+            if name.startswith("_") or isinstance(child, (str, bytes, int, float, dict, list, tuple)):
+                continue
+            if callable(child) and not isinstance(child, type) and not hasattr(child, "__dict__"):
+                continue
+            if getattr(child, "exposed", False) or hasattr(child, "_cp_config") or (
+                    not callable(child) and hasattr(child, "__dict__") and type(child).__module__ != "builtins"):
+                todo.append(child)
+
+
+def _run(hooks, point):
+    for hook in hooks.get(point, ()):
+        hook()
+
+
+def _run_safely(req, point):
+    """Hooks after the answer is decided: a failure is logged, and the answer stands."""
+    try:
+        _run(req.hooks, point)
+    except (HTTPError, HTTPRedirect) as exc:
+        _logger().error("%s hook for %s raised %r after the answer was decided", point, req.path, exc)
+    except Exception:
+        _logger().exception("Error in a %s hook for %s", point, req.path)
 
 
 def _mount(environ, script_name) -> bool:
@@ -2084,6 +2482,34 @@ def absolute_url(req, url: str) -> str:
     return urljoin(req.base + _quote_path(req.path), url)
 
 
+def url(path: str = "", qs="", script_name: str = None, base: str = None, relative=None) -> str:
+    """The URL of ``path`` in the current application: a path starting with '/' is under the
+    mount point (an app mounted at /admin redirecting to url("/") stays under /admin/), another
+    is relative to the current path; ``qs`` a string or a dict.  Absolute unless ``relative``
+    (True: relative to the current URL, "server": from the host on)."""
+    import posixpath
+    from urllib.parse import urlencode
+    req = _local.request
+    if not isinstance(qs, str):
+        qs = urlencode(qs, doseq=True)
+    script_name = req.script_name if script_name is None else script_name.rstrip("/")
+    if not path:
+        path, qs = req.path_info, qs or req.query_string
+    elif not path.startswith("/"):
+        here = req.path_info if req.path_info.endswith("/") else posixpath.dirname(req.path_info) + "/"
+        path = here + path
+    full = _quote_path(posixpath.normpath(script_name + path) + ("/" if path.endswith("/") else ""))
+    full = full.replace("//", "/") + ("?" + qs if qs else "")
+    if relative == "server":
+        return full
+    if relative:
+        here = posixpath.dirname(req.path) or "/"
+        rel = posixpath.relpath(full.partition("?")[0], here)
+        return rel + ("/" if full.partition("?")[0].endswith("/") and rel != "." else "") + (
+            "?" + qs if qs else "")
+    return (base or req.base).rstrip("/") + full
+
+
 _PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 _TO_NAME = str.maketrans(_PUNCTUATION, "_" * len(_PUNCTUATION))
 
@@ -2093,8 +2519,8 @@ def _exposed(obj) -> bool:
 
 
 def find_handler(root, path: str):
-    """Walk ``path`` from ``root``: (handler, positional args, nodes walked, redirect?)."""
-    segments = [s for s in path.split("/")]
+    """Walk ``path`` from ``root``: (handler or None, positional args, nodes walked, is_index)."""
+    segments = path.split("/")
     segments = segments[1:] if segments and segments[0] == "" else segments
     trailing = bool(segments) and segments[-1] == ""
     if trailing:
@@ -2109,21 +2535,20 @@ def find_handler(root, path: str):
             break
         trail.append(child)
     for depth in range(len(trail) - 1, -1, -1):
-        node, rest = trail[depth], segments[depth:]
-        found = _candidate(node, rest, depth, trailing)
+        found = _candidate(trail[depth], segments[depth:], depth)
         if found is not None:
-            handler, args, redirect = found
-            return handler, args, trail[:depth + 1], redirect
+            handler, args, is_index = found
+            return handler, args, trail[:depth + 1], is_index
     return None, [], trail, False
 
 
-def _candidate(node, rest, depth, trailing):
+def _candidate(node, rest, depth):
     if not rest:
         if _exposed(node) and callable(node):
             return node, [], False
         index = getattr(node, "index", None)
         if _exposed(index):
-            return index, [], depth > 0 and not trailing
+            return index, [], depth > 0  # the root's index needs no slash added
         if _exposed(node):  # a method-dispatched resource
             return node, [], False
     elif _exposed(node):  # a handler, or a resource, taking the rest as arguments
@@ -2134,28 +2559,42 @@ def _candidate(node, rest, depth, trailing):
     return None
 
 
-def _run_hooks(nodes, req):
-    for node in nodes:
-        for hook in getattr(node, "_minipub_hooks", ()):
-            hook(req)
-
-
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _method_handler(handler, method):
-    """A resource exposed as a class answers through its GET, POST, ... methods."""
-    if callable(handler):
-        return handler
+    """(the callable that answers ``method``, the methods allowed): a resource exposed as a class
+    answers through its GET, POST, ... methods; None when it has none for ``method``."""
+    if handler is None or callable(handler):
+        return handler, None
+    allowed = [m for m in _METHODS if hasattr(handler, m)]
+    if "GET" in allowed and "HEAD" not in allowed:
+        allowed.insert(1, "HEAD")
     found = getattr(handler, method, None)
     if found is None and method == "HEAD":
         found = getattr(handler, "GET", None)
-    if found is None:
-        allowed = [m for m in _METHODS if hasattr(handler, m)]
-        if "GET" in allowed and "HEAD" not in allowed:
-            allowed.insert(1, "HEAD")
+    return found, allowed
+
+
+def _refusal(handler, method, allowed):
+    """The handler of a request nothing answers: 404, or 405 for a resource without ``method``."""
+    def refuse():
+        if handler is None:
+            raise NotFound()
         raise HTTPError(405, "%s is not allowed here." % method, [("Allow", ", ".join(allowed))])
-    return found
+    return refuse
+
+
+class Dispatcher:
+    """``request.dispatch``: CherryPy's default dispatcher, walking the object tree."""
+
+    def __repr__(self):
+        return "%s()" % type(self).__name__
+
+
+class MethodDispatcher(Dispatcher):
+    """``request.dispatch = minipub.dispatch.MethodDispatcher()``: a subtree of resources answering
+    through GET, POST, ... methods, with Allow on every answer."""
 
 
 _specs = {}
@@ -2199,15 +2638,29 @@ def _bind(handler, args, query, params) -> dict:
     """The keyword arguments for ``handler``; NotFound or 400 if they do not fit."""
     positional, required, names, varargs, varkw = _spec(handler)
     if len(args) > len(positional) and not varargs:
-        raise NotFound()
+        _mismatch(NotFound, "Unexpected path segments: %s", args[len(positional):])
     taken = positional[:len(args)]
-    for name in params:
-        if name in taken or (name not in names and not varkw):
-            raise NotFound() if name in query else HTTPError(400, "Unexpected parameter %r." % name)
+    twice = [name for name in params if name in taken]
+    if twice:
+        _mismatch(NotFound, "Multiple values for parameters: %s", twice)
+    unexpected = [name for name in params if name not in names] if not varkw else ()
+    if unexpected:
+        # CherryPy's rule: a handler without **kwargs is not this URL with other parameters
+        # (a cache buster or utm_* included); a stray *form* field is the client's mistake, 400.
+        in_query = [name for name in unexpected if name in query]
+        if in_query:
+            _mismatch(NotFound, "Unexpected query string parameters: %s", in_query)
+        _mismatch(lambda m: HTTPError(400, m), "Unexpected body parameters: %s", unexpected)
     missing = [n for n in required if n not in taken and n not in params]
     if missing:
-        raise NotFound()
+        _mismatch(NotFound, "Missing parameters: %s", missing)
     return params
+
+
+def _mismatch(error, text: str, names) -> None:
+    message = text % ", ".join(map(str, names))
+    _logger().debug("%s %s: %s", request.method, request.path, message)
+    raise error(message)
 
 
 def _merge(query: dict, body: dict) -> dict:
@@ -2230,27 +2683,34 @@ def _pairs_to_dict(pairs) -> dict:
     return params
 
 
-def _form_dict(text: str, max_fields: int, status: int, message: str) -> dict:
+def _form_dict(text: str, max_fields: int, status: int, message: str, errors: str = "replace") -> dict:
     from urllib.parse import parse_qsl
     try:
-        return _pairs_to_dict(parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields))
+        return _pairs_to_dict(parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields,
+                                        errors=errors))
+    except UnicodeDecodeError:
+        # As CherryPy: a query string that is not UTF-8 names another URL.
+        raise NotFound("The query string is not UTF-8.") from None
     except ValueError:
         raise HTTPError(status, message) from None
 
 
 def _query_params(query: str) -> dict:
-    return _form_dict(query, 1000, 400, "Too many query parameters.") if query else {}
+    return _form_dict(query, 1000, 400, "Too many query parameters.", "strict") if query else {}
 
 
 def _body_params(req) -> dict:
     ctype = req.environ.get("CONTENT_TYPE", "")
     kind = ctype.partition(";")[0].strip(" \t").lower()
+    length, cap = req.environ.get("CONTENT_LENGTH"), req.config["server.max_request_body_size"]
+    if cap and length and length.isdigit() and int(length) > cap:  # lowered for this path
+        raise HTTPError(413, "Request body too large for this address.")
     if kind == "application/x-www-form-urlencoded":
-        limit = req.app.config["request.max_form_field_size"]
+        limit = req.config["request.max_form_field_size"]
         data = req.body.read(limit + 1)
         if len(data) > limit:
             raise HTTPError(413, "Form body too large.")
-        parts = req.app.config["request.max_form_parts"]
+        parts = req.config["request.max_form_parts"]
         return _form_dict(data.decode("utf-8", "replace"), parts, 413, "Too many form fields.")
     if kind == "multipart/form-data":
         return parse_multipart(req, ctype)
@@ -2258,28 +2718,110 @@ def _body_params(req) -> dict:
 
 
 def _body_of(result, resp):
-    """A handler's return value as a WSGI body, with a Content-Type by default."""
+    """A handler's return value as a WSGI body, with a Content-Type by default.
+
+    The rule: str is UTF-8 text (text/html), bytes are octets; a dict or a list is JSON; a tuple,
+    a generator or any other iterable is streamed chunk by chunk (str as UTF-8, bytes as they
+    are); a file object, binary or text, is sent as a file (its type guessed from its name)."""
+    headers = resp.headers
+    code = resp.status if isinstance(resp.status, int) else int(str(resp.status)[:3])
+    if code in (204, 304) or code < 200:
+        return []  # RFC 9110 15.3.5 / 15.4.5: no content, so no Content-Type either
     if result is None or isinstance(result, str):
-        resp.headers.setdefault("Content-Type", "text/html; charset=utf-8")
+        headers.setdefault("Content-Type", "text/html; charset=utf-8")
         return [result.encode("utf-8")] if result else []
     if isinstance(result, bytes):
-        resp.headers.setdefault("Content-Type", "application/octet-stream")
+        headers.setdefault("Content-Type", "application/octet-stream")
         return [result]
     if isinstance(result, (dict, list)):
-        import json
-        resp.headers.setdefault("Content-Type", "application/json")
-        return [json.dumps(result).encode("utf-8")]
+        headers.setdefault("Content-Type", "application/json")
+        return [_json_bytes(result)]
     if isinstance(result, FileWrapper):  # serve_file(): headers already set
         return result
     if hasattr(result, "read"):
-        resp.headers.setdefault("Content-Type", "application/octet-stream")
-        try:
-            resp.headers.setdefault("Content-Length", os.fstat(result.fileno()).st_size - result.tell())
-        except (AttributeError, OSError, ValueError):
-            pass  # not a real file: streamed with chunked framing
-        return FileWrapper(result)
-    resp.headers.setdefault("Content-Type", "text/html; charset=utf-8")
+        return _file_body(result, headers)
+    headers.setdefault("Content-Type", "text/html; charset=utf-8")
     return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in result)
+
+
+def _json_bytes(value) -> bytes:
+    import json
+    try:
+        return json.dumps(value).encode("utf-8")
+    except TypeError as exc:
+        raise TypeError("%s: a returned dict or list is sent as JSON; return a tuple or a generator to "
+                        "stream str/bytes chunks instead" % exc) from None
+
+
+def _file_body(file, headers):
+    """A returned file object: a text-mode one is sent through its binary buffer."""
+    name = getattr(file, "name", None)
+    if "b" not in str(getattr(file, "mode", "b")) and hasattr(file, "buffer"):
+        file = file.buffer  # open("index.html") as the docs' tutorial returns it
+    headers.setdefault("Content-Type", _content_type(name) if isinstance(name, str) else "application/octet-stream")
+    try:
+        headers.setdefault("Content-Length", os.fstat(file.fileno()).st_size - file.tell())
+    except (AttributeError, OSError, ValueError):
+        pass  # not a real file: streamed with chunked framing
+    return FileWrapper(file)
+
+
+def _error_body(req, resp, status: int, message, detail) -> bytes:
+    """error_page.CODE / error_page.default, JSON for a client that wants JSON, else minipub's page."""
+    conf = req.config
+    if _wants_json(req):
+        resp.headers["Content-Type"] = "application/json"
+        import json
+        fields = {"status": status, "message": message or _sentence(status)}
+        if detail:
+            fields["traceback"] = detail
+        return json.dumps(fields).encode("utf-8")
+    custom = conf.get("error_page.%d" % status) or conf.get("error_page.default")
+    if custom is None:
+        return error_page(status, message, detail)
+    from html import escape
+    fields = {"status": status_line(status), "message": escape(message or _sentence(status)),
+              "traceback": escape(detail or ""), "version": escape(__version__)}
+    try:
+        if callable(custom):
+            page = custom(**fields)
+        else:
+            with open(custom, encoding="utf-8") as file:
+                page = file.read() % fields
+        return page.encode("utf-8") if isinstance(page, str) else bytes(page)
+    except Exception:  # a broken error page must not hide the error it reports
+        _logger().exception("error_page for %d failed; sending the default page", status)
+        return error_page(status, message, detail)
+
+
+def _accept_q(header: str, media: str) -> float:
+    """The quality ``header`` (an Accept field) gives ``media``: the most specific range wins."""
+    best, q_best = -1, 0.0
+    kind = media.partition("/")[0]
+    for item in header.split(","):
+        rng, _, params = item.strip(" \t").partition(";")
+        rng = rng.strip(" \t").lower()
+        rank = 2 if rng == media else 1 if rng == kind + "/*" else 0 if rng == "*/*" else -1
+        if rank > best:
+            q = 1.0
+            for param in params.split(";"):
+                name, _, value = param.strip(" \t").partition("=")
+                if name.lower() == "q":
+                    try:
+                        q = float(value)
+                    except ValueError:
+                        q = 0.0
+            best, q_best = rank, q
+    return q_best
+
+
+def _wants_json(req) -> bool:
+    """JSON errors for json_out handlers and for clients that take JSON but not HTML."""
+    if req.config.get("tools.json_out.on"):
+        return True
+    accept = req.environ.get("HTTP_ACCEPT", "")
+    return "json" in accept and _accept_q(accept, "application/json") > 0 and \
+        _accept_q(accept, "text/html") == 0
 
 
 # -- virtual hosts --------------------------------------------------------------
@@ -2357,23 +2899,317 @@ def _attach_sni(context, app, config: dict) -> None:
 
 
 # ===========================================================================
-# Tools: authentication, static files, uploads
-# Contract: tools attach hooks to handlers or classes (``_minipub_hooks``),
-# which the dispatcher runs before the handler; they raise HTTPError to
-# refuse.  They use only the public request/response objects.
+# Hooks and tools: authentication, static files, uploads, JSON, gzip, ...
+# Contract: a Tool is a hook (a callable at one of _HOOK_POINTS, with a
+# priority; lower runs first) plus a config namespace: tools.NAME.on switches
+# it on for a path or an object, tools.NAME.ARG are its keyword arguments, and
+# @tools.NAME(ARG=...) writes the same keys into the decorated object's
+# _cp_config.  Which tools are on for a route is worked out once per route
+# (Application._plan), so a tool that is off costs a request nothing.  Hooks
+# use only the public request/response objects and raise HTTPError to refuse.
 # ===========================================================================
 
-def _add_hook(target, hook):
-    """Attach ``hook(request)`` to a class or function; returns ``target``."""
-    target._minipub_hooks = tuple(getattr(target, "_minipub_hooks", ())) + (hook,)
-    return target
+class Tool:
+    """``Tool(point, callable, name=None, priority=50)``: ``callable(**args)`` runs at ``point``
+    for every request whose configuration has ``tools.NAME.on``; register it with
+    ``minipub.tools.NAME = Tool(...)``."""
+
+    def __init__(self, point: str, callable, name: str = None, priority: int = 50, *, applies=None):
+        self.name, self.priority, self.hooks = name, priority, []
+        self.applies = applies  # (merged config, is_index, trailing) -> bool: left out where it cannot act
+        self.also(point, callable, priority)
+
+    def also(self, point: str, callable, priority: int = None) -> "Tool":
+        """One more hook of the same tool, sharing its arguments (a session loads, saves, unlocks)."""
+        if point not in _HOOK_POINTS:
+            raise ValueError("unknown hook point %r; use one of %s" % (point, ", ".join(_HOOK_POINTS)))
+        self.hooks.append((point, callable, priority))
+        return self
+
+    def accepts(self, arg: str) -> bool:
+        return any(names is None or arg in names for names in map(_arg_names, (h[1] for h in self.hooks)))
+
+    def __call__(self, **args):
+        """``@tools.NAME(ARG=...)``: switch the tool on for a handler or a class's whole subtree."""
+        for arg in args:
+            if not self.accepts(arg):
+                raise TypeError("tool %r takes no argument %r" % (self.name, arg))
+
+        def decorate(target):
+            conf = dict(getattr(target, "_cp_config", None) or {})  # a class keeps what it inherits
+            conf["tools.%s.on" % self.name] = True
+            conf.update(("tools.%s.%s" % (self.name, arg), value) for arg, value in args.items())
+            target._cp_config = conf
+            return target
+        return decorate
+
+    def bind(self, merged: dict, route) -> list:
+        """[(priority, point, hook)] for a route whose merged configuration is ``merged``."""
+        if self.applies is not None and not self.applies(merged, *route):
+            return []
+        prefix = "tools.%s." % self.name
+        args = {key[len(prefix):]: value for key, value in merged.items()
+                if key.startswith(prefix) and key[len(prefix):] not in ("on", "priority")}
+        out = []
+        for point, func, priority in self.hooks:
+            names = _arg_names(func)
+            mine = args if names is None else {k: v for k, v in args.items() if k in names}
+            default = self.priority if priority is None else priority
+            out.append((merged.get(prefix + "priority", default), point, functools.partial(func, **mine)))
+        return out
+
+    def __repr__(self):
+        return "<minipub.Tool %s at %s>" % (self.name, self.hooks[0][0])
+
+
+def _arg_names(func):
+    """The keyword arguments ``func`` takes, or None if it takes any (**kwargs)."""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        import inspect
+        params = inspect.signature(func).parameters.values()
+        if any(p.kind == p.VAR_KEYWORD for p in params):
+            return None
+        return frozenset(p.name for p in params)
+    if code.co_flags & 8:
+        return None
+    return frozenset(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
+
+
+class Toolbox:
+    """``minipub.tools``: ``tools.NAME = Tool(...)`` registers a tool under NAME."""
+
+    def __setattr__(self, name, tool):
+        if not isinstance(tool, Tool):
+            raise TypeError("tools.%s must be a minipub.Tool" % name)
+        tool.name = tool.name or name
+        super().__setattr__(name, tool)
+
+
+tools = Toolbox()
+
+
+def _hooks_of(merged: dict, route) -> dict:
+    """{point: (hook, ...)} in priority order for the tools on in ``merged``, plus hooks.POINT."""
+    found = []
+    for key, value in merged.items():
+        if key.startswith("tools.") and key.endswith(".on") and value is True:
+            found += getattr(tools, key[6:-3]).bind(merged, route)
+        elif key.startswith("hooks."):
+            found += [(50, key[6:], hook) for hook in value]
+    if not found:
+        return _NO_HOOKS
+    hooks = {}
+    for _, _, point, hook in sorted((p, n, point, h) for n, (p, point, h) in enumerate(found)):
+        hooks.setdefault(point, []).append(hook)
+    return {point: tuple(chain) for point, chain in hooks.items()}
+
+
+# -- small tools: slashes, JSON, headers, negotiation, caching, proxies ---------
+
+def _trailing_slash(missing: bool = True, extra: bool = False, status: int = None):
+    """An index reached without its trailing slash is redirected to it (on by default, as in
+    CherryPy: relative links in the page then work); ``extra`` removes a slash a handler does not want."""
+    req = _local.request
+    qs = "?" + req.query_string if req.query_string else ""
+    if req.is_index and missing and req.path_info[-1:] != "/":
+        raise HTTPRedirect(_quote_path(req.script_name + req.path_info) + "/" + qs, status or 301)
+    if extra and not req.is_index and req.path_info[-1:] == "/" and req.path_info != "/":
+        raise HTTPRedirect(_quote_path(req.script_name + req.path_info[:-1]) + qs, status or 301)
+
+
+def _slash_applies(merged, is_index, trailing) -> bool:
+    return (is_index and not trailing) or (trailing and bool(merged.get("tools.trailing_slash.extra")))
+
+
+def _json_in(content_type=("application/json", "text/javascript"), force: bool = True, debug: bool = False):
+    """The request's JSON document in ``request.json`` (415 for another type, 400 if malformed);
+    the body is then not parsed as form parameters."""
+    import json
+    req = _local.request
+    env = req.environ
+    if not (env.get("CONTENT_LENGTH") not in (None, "", "0") or "HTTP_TRANSFER_ENCODING" in env):
+        return
+    kinds = (content_type,) if isinstance(content_type, str) else tuple(content_type)
+    if env.get("CONTENT_TYPE", "").partition(";")[0].strip(" \t").lower() not in kinds:
+        if force:
+            raise HTTPError(415, "Expected a JSON body (Content-Type: %s)." % kinds[0])
+        return
+    try:
+        req.json = json.loads(req.body.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise HTTPError(400, "The body is not a valid JSON document: %s." % exc) from None
+    req.process_request_body = False
+
+
+def _json_out(content_type: str = "application/json", debug: bool = False, handler=None):
+    """The handler's return value, whatever its type, sent as JSON (``handler`` may encode it)."""
+    req, resp = _local.request, _local.response
+    if req.__dict__.get("failed"):
+        return  # an error page is already a body
+    resp.body = handler(resp.body) if handler is not None else _json_bytes(resp.body)
+    if content_type:
+        resp.headers["Content-Type"] = content_type
+
+
+def _response_headers(headers=(), force: bool = True, debug: bool = False):
+    resp = _local.response
+    for name, value in headers or ():
+        if force or name not in resp.headers:
+            resp.headers[name] = value
+
+
+def _accept(media=None, debug: bool = False) -> str:
+    """406, naming the types on offer, unless the client's Accept takes one of ``media``."""
+    if not media:
+        return None
+    media = [media] if isinstance(media, str) else list(media)
+    header = _local.request.environ.get("HTTP_ACCEPT")
+    if not header:
+        return media[0]
+    best = max(media, key=lambda m: _accept_q(header, m))
+    if _accept_q(header, best) <= 0:
+        raise HTTPError(406, "Your client sent this Accept header: %s. But this resource only emits "
+                        "these media types: %s." % (header, ", ".join(media)))
+    return best
+
+
+def _allow(methods=None, debug: bool = False):
+    methods = [m.upper() for m in (methods or ("GET", "HEAD"))]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.append("HEAD")
+    allow = ", ".join(methods)
+    _local.response.headers["Allow"] = allow
+    if _local.request.method not in methods:
+        raise HTTPError(405, "%s is not allowed here." % _local.request.method, [("Allow", allow)])
+
+
+def _expires(secs=0, force: bool = False, debug: bool = False):
+    """Expires / Cache-Control for ``secs`` seconds; 0 means do not cache.  A response that
+    already carries validators or caching fields is left alone unless ``force``."""
+    headers = _local.response.headers
+    if not force and any(h in headers for h in ("ETag", "Last-Modified", "Age", "Expires")):
+        return
+    secs = secs.total_seconds() if hasattr(secs, "total_seconds") else float(secs)
+    if secs <= 0:
+        headers.update([("Cache-Control", "no-cache, must-revalidate"), ("Pragma", "no-cache"),
+                        ("Expires", http_date(0))])
+    else:
+        headers.update([("Cache-Control", "max-age=%d" % secs), ("Expires", http_date(time.time() + secs))])
+
+
+def _encode(encoding: str = "utf-8", text_only: bool = True, add_charset: bool = True, errors: str = "strict"):
+    """Encode a str body (or str chunks) as ``encoding`` and say so in Content-Type."""
+    req, resp = _local.request, _local.response
+    ctype = resp.headers.get("Content-Type", "text/html")
+    if req.__dict__.get("failed") or (text_only and not ctype.startswith("text/")):
+        return
+    body = resp.body
+    if isinstance(body, str):
+        resp.body = body.encode(encoding, errors)
+    elif body is not None and not isinstance(body, (bytes, dict, list)) and not hasattr(body, "read"):
+        resp.body = (c.encode(encoding, errors) if isinstance(c, str) else c for c in body)
+    if add_charset:
+        resp.headers["Content-Type"] = "%s; charset=%s" % (ctype.partition(";")[0].strip(), encoding)
+
+
+def _proxy(base: str = None, trusted=("127.0.0.1", "::1"), debug: bool = False):
+    """Behind a reverse proxy: ``base`` ("https://example.com") fixes the public scheme and host;
+    otherwise Forwarded / X-Forwarded-* are believed from the ``trusted`` peers only (CherryPy
+    believes anyone; a header any client can write must not move a redirect to another host)."""
+    req = _local.request
+    if base:
+        scheme, _, host = base.partition("://")
+        req.scheme, req.host = (scheme, host.rstrip("/")) if host else (req.scheme, scheme.rstrip("/"))
+    else:
+        _apply_forwarded(req, tuple(trusted))
+
+
+tools.trailing_slash = Tool("before_handler", _trailing_slash, applies=_slash_applies)
+tools.json_in = Tool("before_request_body", _json_in, priority=30)
+tools.json_out = Tool("before_finalize", _json_out, priority=30)
+tools.response_headers = Tool("on_start_resource", _response_headers)
+tools.accept = Tool("on_start_resource", _accept)
+tools.allow = Tool("on_start_resource", _allow)
+tools.expires = Tool("before_finalize", _expires)
+tools.encode = Tool("before_finalize", _encode, priority=70)
+tools.proxy = Tool("before_request_body", _proxy, priority=30)
+
+
+# -- gzip: negotiated, streamed ---------------------------------------------------
+_COMPRESSIBLE = ("text/*", "application/json", "application/javascript", "application/xml", "image/svg+xml")
+
+
+def _coding_q(header: str, coding: str) -> float:
+    """The quality Accept-Encoding gives ``coding`` (RFC 9110 12.5.3): its own entry, else '*'."""
+    found = {}
+    for item in header.split(","):
+        name, _, params = item.strip(" \t").partition(";")
+        q = 1.0
+        name_, _, value = params.strip(" \t").partition("=")
+        if name_.strip().lower() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                q = 0.0
+        found[name.strip(" \t").lower()] = q
+    return found.get(coding, found.get("x-" + coding, found.get("*", 0.0)))
+
+
+def _gzip(compress_level: int = 5, mime_types=_COMPRESSIBLE, min_size: int = 256, debug: bool = False):
+    """Compress the body as it streams (zlib, never whole in memory) when the client's
+    Accept-Encoding takes gzip: not tiny bodies, not partial ones, not types already compressed."""
+    req, resp = _local.request, _local.response
+    headers = resp.headers
+    code = resp.status if isinstance(resp.status, int) else int(str(resp.status)[:3])
+    ctype = headers.get("Content-Type", "text/html").partition(";")[0].strip().lower()
+    if code < 200 or code in (204, 206, 304) or "Content-Encoding" in headers:
+        return
+    if not any(ctype == m or (m.endswith("/*") and ctype.startswith(m[:-1])) for m in mime_types):
+        if resp.body is not None or ctype != "text/html":
+            return
+    vary = [v.strip() for v in headers.get("Vary", "").split(",") if v.strip()]
+    if "accept-encoding" not in (v.lower() for v in vary):
+        headers["Vary"] = ", ".join(vary + ["Accept-Encoding"])  # caches must key on it either way
+    if _coding_q(req.environ.get("HTTP_ACCEPT_ENCODING", ""), "gzip") <= 0:
+        return
+    body = resp.body if req.__dict__.get("failed") else _body_of(resp.body, resp)
+    if isinstance(body, list) and sum(map(len, body)) < min_size:
+        resp.body = body if req.__dict__.get("failed") else b"".join(body)
+        return
+    headers.pop("Content-Length", None)
+    headers["Content-Encoding"] = "gzip"
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):  # RFC 9110 8.8.3: a strong ETag names these exact bytes
+        headers["ETag"] = "W/" + etag
+    resp.body = _gzipped(body, compress_level)
+
+
+def _gzipped(chunks, level: int):
+    import zlib
+    packer = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    try:
+        for chunk in chunks:
+            out = packer.compress(chunk)
+            if out:
+                yield out
+        yield packer.flush()
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+tools.gzip = Tool("before_finalize", _gzip, priority=90)
 
 
 # -- authentication (RFC 7617 Basic, RFC 7616 Digest) -----------------------
-# auth_basic / auth_digest attach a hook that answers malformed credentials
-# with 400, missing or wrong ones with 401 and one WWW-Authenticate field per
-# challenge, and sets request.login on success.  They return the decorated
-# object itself, so @expose and signature binding see the original function.
+# tools.auth_basic / tools.auth_digest (before_request_body, priority 1: a 401
+# comes before a 405 or a 404 for mismatched parameters) answer malformed
+# credentials with 400, missing or wrong ones with 401 and one WWW-Authenticate
+# field per challenge, and set request.login on success.  The decorators
+# auth_basic() / auth_digest() switch them on for a class or a handler and
+# return it, so @expose and signature binding see the original function.
 
 # auth-param = token BWS "=" BWS ( token / quoted-string ), in a #list whose
 # empty elements are skipped (RFC 9110 5.6.1); the scan is linear in length.
@@ -2384,13 +3220,8 @@ _NONCE_TABLE = 10000  # nonces whose nc values are remembered, per realm: about 
 _NC_WINDOW = 64       # nc values accepted out of order below the highest seen for a nonce
 
 
-def _credentials(req, scheme: str, hook):
-    """The text after ``scheme`` in Authorization (None if absent or another scheme), or
-    False if ``hook`` already ran for this request (a handler is also a walked node)."""
-    done = req.__dict__.setdefault("_minipub_auth", set())
-    if hook in done:
-        return False
-    done.add(hook)
+def _credentials(req, scheme: str):
+    """The text after ``scheme`` in Authorization; None if absent or another scheme."""
     name, _, rest = req.environ.get("HTTP_AUTHORIZATION", "").strip(" \t").partition(" ")
     return rest.strip(" \t") if name.lower() == scheme else None
 
@@ -2423,35 +3254,42 @@ def _auth_params(text: str) -> dict:
 def auth_basic(realm: str, users: dict = None, checkpassword=None):
     """Decorator: HTTP Basic (RFC 7617) on a class (its whole subtree) or a handler; give
     ``users={name: password}`` or ``checkpassword(realm, user, password) -> bool``."""
-    import hmac
-    if (users is None) == (checkpassword is None):
-        raise TypeError("auth_basic needs exactly one of users= or checkpassword=")
-    if users is not None:
-        def checkpassword(realm, user, password):
-            stored = users.get(user)
-            same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
-            return same and stored is not None
-    challenge = [("WWW-Authenticate", 'Basic realm=%s, charset="UTF-8"' % _quoted(realm))]
+    _one_of(users, checkpassword, "auth_basic", "checkpassword")
+    return tools.auth_basic(realm=realm, users=users, checkpassword=checkpassword)
 
-    def hook(req):
-        import base64
-        token = _credentials(req, "basic", hook)
-        if token is False:
-            return
-        if token is None:
-            raise HTTPError(401, "Authentication required.", challenge)
-        try:  # an empty token decodes to "", which has no colon: 400
-            text = base64.b64decode(token, validate=True).decode("utf-8")
-        except ValueError:  # binascii.Error, non-ASCII text, UnicodeDecodeError
-            raise HTTPError(400, "Basic credentials are not base64 of UTF-8 text.") from None
-        user, colon, password = text.partition(":")
-        # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
-        if not colon or re.search(r"[\x00-\x1f\x7f]", text):
-            raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
-        if not checkpassword(realm, user, password):
-            raise HTTPError(401, "Wrong user name or password.", challenge)
-        req.login = user
-    return lambda target: _add_hook(target, hook)
+
+def _one_of(users, other, tool: str, name: str) -> None:
+    if (users is None) == (other is None):
+        raise TypeError("%s needs exactly one of users= or %s=" % (tool, name))
+
+
+def _basic(realm: str, users: dict = None, checkpassword=None, accept_charset: str = "utf-8"):
+    """tools.auth_basic: the Basic check for one request."""
+    import base64
+    import hmac
+    _one_of(users, checkpassword, "tools.auth_basic", "checkpassword")
+    req = _local.request
+    challenge = [("WWW-Authenticate", 'Basic realm=%s, charset="UTF-8"' % _quoted(realm))]
+    token = _credentials(req, "basic")
+    if token is None:
+        raise HTTPError(401, "Authentication required.", challenge)
+    try:  # an empty token decodes to "", which has no colon: 400
+        text = base64.b64decode(token, validate=True).decode("utf-8")
+    except ValueError:  # binascii.Error, non-ASCII text, UnicodeDecodeError
+        raise HTTPError(400, "Basic credentials are not base64 of UTF-8 text.") from None
+    user, colon, password = text.partition(":")
+    # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
+    if not colon or re.search(r"[\x00-\x1f\x7f]", text):
+        raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
+    if users is not None:
+        stored = users.get(user)
+        same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
+        ok = same and stored is not None
+    else:
+        ok = checkpassword(realm, user, password)
+    if not ok:
+        raise HTTPError(401, "Wrong user name or password.", challenge)
+    req.login = user
 
 
 def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-256", "MD5"),
@@ -2461,17 +3299,47 @@ def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-2
     no password stored).  One challenge per ``algorithms`` entry (MD5, SHA-256, SHA-512-256, each also
     -sess), most preferred first: urllib reads only the first and knows only MD5.  ``userhash`` needs ``users``.
     """
-    hook = _Digest(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock)
-    return lambda target: _add_hook(target, hook)
+    space = _digest_space(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock, None)
+    return tools.auth_digest(realm=realm, users=users, get_ha1=get_ha1, algorithms=tuple(space.algorithms),
+                             nonce_lifetime=nonce_lifetime, userhash=userhash, clock=clock)
+
+
+_digest_spaces, _spaces_lock = {}, threading.Lock()
+
+
+def _digest_space(realm, users, get_ha1, algorithms, lifetime, userhash, clock, key):
+    """The protection space (nonce secret, replay table) for these arguments, made once."""
+    ident = (realm, id(users), id(get_ha1), tuple(algorithms), lifetime, userhash, id(clock), key)
+    space = _digest_spaces.get(ident)
+    if space is None:
+        with _spaces_lock:
+            space = _digest_spaces.get(ident)
+            if space is None:
+                space = _Digest(realm, users, get_ha1, algorithms, lifetime, userhash, clock, key)
+                while len(_digest_spaces) >= 1000:
+                    _digest_spaces.pop(next(iter(_digest_spaces)))
+                _digest_spaces[ident] = space
+    return space
+
+
+def _digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-256", "MD5"),
+            nonce_lifetime: float = 300.0, userhash: bool = False, clock=time.monotonic, key=None,
+            accept_charset: str = "utf-8"):
+    """tools.auth_digest: ``key`` is the nonce secret (give the same to every worker process)."""
+    _digest_space(realm, users, get_ha1, algorithms, nonce_lifetime, userhash, clock, key)(_local.request)
 
 
 class _Digest:
     """One protection space: challenges, stateless nonces, the (nonce, nc) replay table."""
 
-    def __init__(self, realm, users, get_ha1, algorithms, lifetime, userhash, clock):
+    def __init__(self, realm, users, get_ha1, algorithms, lifetime, userhash, clock, key=None):
         from collections import OrderedDict
         if (users is None) == (get_ha1 is None) or (userhash and users is None):
             raise TypeError("auth_digest needs one of users= or get_ha1= (userhash needs users=)")
+        if get_ha1 is not None and _positional_count(get_ha1) == 2:
+            # CherryPy's get_ha1(realm, user) returns H(A1) for MD5 only.
+            plain, algorithms = get_ha1, [a for a in algorithms if a.upper().startswith("MD5")] or ["MD5"]
+            get_ha1 = lambda realm, user, algorithm: plain(realm, user)  # noqa: E731
         if users is not None:
             def get_ha1(realm, user, algorithm):
                 password = users.get(user)
@@ -2481,7 +3349,9 @@ class _Digest:
             self.h(name, "")  # ValueError for an unknown one, or one this OpenSSL lacks
         self.realm, self.users, self.get_ha1, self.userhash = realm, users, get_ha1, userhash
         self.lifetime, self.clock = float(lifetime), clock
-        self.secret, self.opaque = os.urandom(32), os.urandom(16).hex()
+        secret = key.encode("utf-8") if isinstance(key, str) else key
+        self.secret = secret or os.urandom(32)
+        self.opaque = self.mac(b"opaque").hex()  # from the secret: the same in every worker sharing it
         self.seen, self.floor, self.lock = OrderedDict(), -1.0, threading.Lock()
 
     @staticmethod
@@ -2513,9 +3383,7 @@ class _Digest:
 
     def __call__(self, req):
         import hmac
-        text = _credentials(req, "digest", self)
-        if text is False:
-            return  # already admitted: running twice would look like a replay
+        text = _credentials(req, "digest")
         if text is None:
             raise HTTPError(401, "Authentication required.", self.challenges())
         p = _auth_params(text)
@@ -2576,7 +3444,7 @@ class _Digest:
         import hashlib
         import tempfile
         digest = hashlib.new(_DIGESTS[algorithm.replace("-SESS", "")])
-        body = tempfile.SpooledTemporaryFile(req.app.config["request.upload_spool_size"])
+        body = tempfile.SpooledTemporaryFile(req.config["request.upload_spool_size"])
         for block in iter(lambda: req.body.read(64 * KiB), b""):
             digest.update(block)
             body.write(block)
@@ -2607,6 +3475,17 @@ class _Digest:
                 return False
             entry[1:] = top, mask | 1 << (top - nc)
             return True
+
+
+def _positional_count(func) -> int:
+    code = getattr(func, "__code__", None)
+    return code.co_argcount - hasattr(func, "__self__") if code is not None else -1
+
+
+# Before the body is read (CherryPy: before_handler): an unauthenticated client's upload is
+# never parsed, and auth-int can hash the body before the form parser consumes it.
+tools.auth_basic = Tool("before_request_body", _basic, priority=1)
+tools.auth_digest = Tool("before_request_body", _digest, priority=1)
 
 
 def _same_target(environ: dict, uri: str) -> bool:

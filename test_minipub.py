@@ -191,8 +191,11 @@ def test_config_ini_file(tmp_path):
     ini.write_text("[global]\nserver.bogus = 1\n")
     with pytest.raises(minipub.ConfigError, match="server.bogus"):
         minipub.load_config(str(ini))
-    ini.write_text("[/]\ntools.x = 1\n")
-    with pytest.raises(minipub.ConfigError, match="section"):
+    ini.write_text("[/]\ntools.x.on = True\n")  # path sections are checked too, per namespace
+    with pytest.raises(minipub.ConfigError, match=r"unknown tool 'x' in config key 'tools.x.on' in \[/\]"):
+        minipub.load_config(str(ini))
+    ini.write_text("[static]\nx = 1\n")
+    with pytest.raises(minipub.ConfigError, match="unknown section"):
         minipub.load_config(str(ini))
 
 
@@ -1611,7 +1614,8 @@ def test_auth_digest_replay_table_is_bounded(monkeypatch):
     monkeypatch.setattr(minipub, "_NONCE_TABLE", 3)
     clock = FakeClock()
     app = auth_app(clock=clock)
-    hook = app.root.reports._minipub_hooks[0]
+    first_challenge(app)
+    hook = [space for space in minipub._digest_spaces.values() if space.realm == "reports"][-1]
     challenges = []
     for i in range(5):
         clock.now += 1  # nonces issued in order
