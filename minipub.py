@@ -341,6 +341,7 @@ class Settings(dict):
 
 _DEFAULT_TOOLS = {"tools.trailing_slash.on": True}  # as CherryPy: an index gets its slash
 config = Settings()
+_PROCESS_CONFIG = config  # for functions whose ``config`` parameter (CherryPy's name) hides it
 
 
 def _limits(settings) -> dict:
@@ -2898,6 +2899,80 @@ def _attach_sni(context, app, config: dict) -> None:
     context.sni_callback = choose
 
 
+# -- the tree: several applications in one process -------------------------------
+
+class Tree:
+    """``minipub.tree``: the applications of this process by mount point; itself the WSGI
+    callable the server runs.  The longest mount point that prefixes the path wins."""
+
+    def __init__(self):
+        self.apps, self._order = {}, []
+
+    def mount(self, root, script_name: str = "", config=None) -> "Application":
+        """Serve the object tree ``root`` (or an Application) under ``script_name``."""
+        script_name = script_name.rstrip("/")
+        if isinstance(root, Application):
+            app, root.script_name = root, script_name
+        else:
+            app = Application(root, config, script_name)
+        self._put(script_name, app)
+        return app
+
+    def graft(self, wsgi_app, script_name: str = "") -> None:
+        """Serve a foreign WSGI application under ``script_name``."""
+        self._put(script_name.rstrip("/"), wsgi_app)
+
+    def _put(self, script_name, app):
+        self.apps[script_name] = app
+        self._order = sorted(self.apps, key=len, reverse=True)
+
+    def unmount(self, script_name: str = "") -> None:
+        self.apps.pop(script_name.rstrip("/"), None)
+        self._order = sorted(self.apps, key=len, reverse=True)
+
+    @property
+    def root(self):
+        """The root object of the application at "" (the server's SNI looks for a VirtualHost)."""
+        return getattr(self.apps.get(""), "root", None)
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        for name in self._order:
+            if not name or path == name or path.startswith(name + "/"):
+                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + name
+                environ["PATH_INFO"] = path[len(name):]
+                app = self.apps[name]
+                return app.serve(environ, start_response) if isinstance(app, Application) \
+                    else app(environ, start_response)
+        start_response("404 Not Found", list(_ERROR_HEADERS))
+        return [error_page(404, "No application is mounted at this address.")]
+
+
+tree = Tree()
+
+
+class ServerSettings:
+    """``minipub.server``: CherryPy's ``cherrypy.server``; its attributes are the server.* keys of
+    minipub.config (``server.socket_port = 9000`` is ``config.update({"server.socket_port": 9000})``)."""
+
+    def __getattr__(self, name):
+        if "server." + name not in _ROWS:
+            raise AttributeError("minipub.server has no setting %r" % name)
+        return config["server." + name]
+
+    def __setattr__(self, name, value):
+        if "server." + name not in _ROWS:
+            raise AttributeError("minipub.server has no setting %r" % name)
+        config.update({"server." + name: value})
+
+    def __repr__(self):
+        return "<minipub.server %s>" % ", ".join("%s=%r" % (k[7:], config[k]) for k in _ROWS
+                                                  if k.startswith("server."))
+
+
+server = ServerSettings()
+
+
 # ===========================================================================
 # Hooks and tools: authentication, static files, uploads, JSON, gzip, ...
 # Contract: a Tool is a hook (a callable at one of _HOOK_POINTS, with a
@@ -3571,9 +3646,10 @@ def _byte_range(req, size: int, etag: str, last_modified: str):
     return start, end - start + 1
 
 
-def serve_file(path: str, content_type: str = None, disposition: str = None, *, cache_control: str = None):
+def serve_file(path: str, content_type: str = None, disposition: str = None, name: str = None, *,
+               cache_control: str = None):
     """Answer with the file at ``path`` as a FileWrapper: validators, 304/412, one Range, HEAD;
-    ``disposition`` ("attachment" or "inline") adds a Content-Disposition naming the file."""
+    ``disposition`` ("attachment" or "inline") adds a Content-Disposition naming the file (or ``name``)."""
     import stat as modes
     try:
         file = open(path, "rb")
@@ -3599,13 +3675,18 @@ def serve_file(path: str, content_type: str = None, disposition: str = None, *, 
         headers["Content-Type"] = content_type or _content_type(path)
         if disposition:
             from urllib.parse import quote
-            name = os.path.basename(path)
+            name = name or os.path.basename(path)
             headers["Content-Disposition"] = '%s; filename="%s"; filename*=UTF-8\'\'%s' % (
                 disposition, re.sub(r'[^\x20-\x7e]|["\\]', "_", name), quote(name, safe=""))
         return FileWrapper(file, 256 * KiB, *_byte_range(request, size, etag, last_modified))
     except BaseException:
         file.close()
         raise
+
+
+def serve_download(path: str, name: str = None):
+    """serve_file() as an attachment the browser saves (CherryPy's lib.static.serve_download)."""
+    return serve_file(path, "application/x-download", "attachment", name)
 
 
 class StaticDir:
@@ -3625,7 +3706,10 @@ class StaticDir:
         self._index, self._follow, self._cache = index, follow_symlinks, cache_control
 
     def GET(self, *segments, **params):  # and HEAD; other methods get 405 with Allow: GET, HEAD
-        req = request
+        return self._serve(segments)
+
+    def _serve(self, segments, content_types=None):
+        req = _local.request
         path = self._resolve(req, segments)
         if os.path.isdir(path):
             if not req.path_info.endswith("/"):
@@ -3635,8 +3719,9 @@ class StaticDir:
                 raise HTTPRedirect(target + ("?" + req.query_string if req.query_string else ""), 301)
             if not self._index:
                 raise NotFound()
-            path = self._resolve(req, segments + (self._index,))
-        return serve_file(path, cache_control=self._cache)
+            path = self._resolve(req, tuple(segments) + (self._index,))
+        ctype = (content_types or {}).get(os.path.splitext(path)[1].lstrip(".").lower())
+        return serve_file(path, ctype, cache_control=self._cache)
 
     def _resolve(self, req, segments) -> str:
         raw = req.environ.get("RAW_URI") or req.environ.get("REQUEST_URI") or ""
@@ -3651,6 +3736,60 @@ class StaticDir:
         if not self._follow and os.path.commonpath((real, self._root)) != self._root:
             raise HTTPError(403, "This link leads outside the static directory.")
         return path if self._follow else real
+
+
+def _static_root(path: str, root, where: str) -> str:
+    """An absolute path for tools.staticdir.dir / staticfile.filename: a relative one is under root."""
+    if os.path.isabs(path):
+        return path
+    if not root or not os.path.isabs(root):
+        raise ConfigError("%s: %r is relative; give an absolute path or an absolute tools.staticdir.root"
+                          % (where, path))
+    return os.path.join(root, path)
+
+
+_static_dirs = {}
+
+
+def _staticdir(section: str, dir: str, root: str = None, match: str = "", content_types: dict = None,
+               index: str = "", debug: bool = False):
+    """tools.staticdir: the file under ``dir`` at the request's path below ``section``; a missing
+    file leaves the request to its handler (usually a 404)."""
+    req = _local.request
+    if match and not re.search(match, req.path_info):
+        return
+    base = _static_root(dir, root, "tools.staticdir.dir")
+    server = _static_dirs.get((base, index))
+    if server is None:
+        server = _static_dirs[(base, index)] = StaticDir(base, index)
+    rest = req.path_info[len(section):] if section != "/" else req.path_info
+    segments = [s for s in rest.split("/")[1:]]
+    if segments and segments[-1] == "":
+        segments.pop()
+    try:
+        _local.response.body = server._serve(segments, content_types)
+    except NotFound:
+        return
+    req.handler = None
+
+
+def _staticfile(filename: str, root: str = None, match: str = "", content_types: dict = None,
+                debug: bool = False):
+    """tools.staticfile: answer with one file."""
+    req = _local.request
+    if match and not re.search(match, req.path_info):
+        return
+    path = _static_root(filename, root, "tools.staticfile.filename")
+    ctype = (content_types or {}).get(os.path.splitext(path)[1].lstrip(".").lower())
+    try:
+        _local.response.body = serve_file(path, ctype)
+    except NotFound:
+        return
+    req.handler = None
+
+
+tools.staticdir = Tool("before_handler", _staticdir)
+tools.staticfile = Tool("before_handler", _staticfile)
 
 
 # -- uploads (multipart/form-data, streamed) ----------------------------------
@@ -3862,8 +4001,120 @@ class _ClosingBody:
 
 
 # ===========================================================================
-# Reloader
-# Contract: with engine.autoreload.on a supervising parent owns the listening
+# Engine, reloader and processes
+# Contract: minipub.engine is the process's life.  Callbacks subscribed to
+# "start" run before the server accepts (one that fails stops startup with one
+# line and exit status 2), "stop" after it has drained, then "exit";
+# "graceful" on demand.  engine.start() serves minipub.tree in background
+# threads, engine.block() waits without polling (an idle process makes no
+# wake-ups) until Ctrl-C, SIGTERM or engine.exit().  The command line and
+# quickstart() run the same callbacks around Server.serve_forever().
+# ===========================================================================
+
+class _StartError(Exception):
+    """A start callback failed: the process does not serve."""
+
+
+class _Exit(BaseException):
+    """Raised by the engine's signal handler to end engine.block()."""
+
+
+class Engine:
+    """``minipub.engine``: subscribe(channel, callback, priority), start, block, stop, exit."""
+
+    CHANNELS = ("start", "stop", "graceful", "exit")
+
+    def __init__(self):
+        self.state, self.server = "STOPPED", None
+        self._subscribers = {channel: [] for channel in self.CHANNELS}
+
+    def subscribe(self, channel: str, callback, priority: int = 50) -> None:
+        if channel not in self._subscribers:
+            raise ValueError("unknown engine channel %r; use one of %s" % (channel, ", ".join(self.CHANNELS)))
+        self._subscribers[channel].append((priority, len(self._subscribers[channel]), callback))
+
+    def unsubscribe(self, channel: str, callback) -> None:
+        self._subscribers[channel] = [s for s in self._subscribers.get(channel, ()) if s[2] is not callback]
+
+    def publish(self, channel: str, *args) -> list:
+        """Run ``channel``'s callbacks in priority order; stop/exit/graceful log a failure and go on."""
+        results = []
+        for _, _, callback in sorted(self._subscribers[channel], key=lambda s: s[:2]):
+            try:
+                results.append(callback(*args))
+            except Exception as exc:
+                if channel == "start":
+                    raise _StartError("engine start callback %s failed: %s" % (
+                        getattr(callback, "__qualname__", callback), _user_line(exc))) from exc
+                _logger().exception("engine %s callback %r failed", channel, callback)
+        return results
+
+    def _begin(self, server) -> None:
+        self.publish("start")
+        self.server, self.state = server, "STARTED"
+
+    def _end(self) -> None:
+        if self.state == "STARTED":
+            self.state = "STOPPED"
+            self.publish("stop")
+            self.publish("exit")
+            self.state = "EXITED"
+
+    def start(self) -> None:
+        """Run the start callbacks, then serve minipub.tree in background threads."""
+        if self.state == "STARTED":
+            return
+        settings = _limits(config)
+        configure_logging(settings)
+        self.publish("start")
+        self.server = Server(tree, settings["server.socket_host"], settings["server.socket_port"],
+                             config=settings).start()
+        self.state = "STARTED"
+        for url in self.server.urls:
+            _logger().info("minipub %s serving on %s", __version__, url)
+
+    def block(self) -> None:
+        """Wait for Ctrl-C, SIGTERM or exit() without polling, then exit()."""
+        restore = lambda: None  # noqa: E731 - not in the main thread: the host program owns signals
+        if threading.current_thread() is threading.main_thread():
+            import signal
+
+            def on_signal(signum, frame):
+                raise _Exit()
+            old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            restore = lambda: [signal.signal(s, h) for s, h in old.items()]  # noqa: E731
+        try:
+            if self.state == "STARTED" and self.server is not None:
+                self.server._thread.join()  # its watch thread ends once the server has stopped
+        except _Exit:
+            pass
+        finally:
+            restore()
+        self.exit()
+
+    def stop(self) -> None:
+        """Stop serving (in-flight requests finish), then run the stop callbacks."""
+        if self.server is not None:
+            self.server.stop()
+        if self.state == "STARTED":
+            self.state = "STOPPED"
+            self.publish("stop")
+
+    def graceful(self) -> None:
+        self.publish("graceful")
+
+    def exit(self) -> None:
+        self.stop()
+        if self.state != "EXITED":
+            self.state = "EXITED"
+            self.publish("exit")
+
+
+engine = Engine()
+
+
+# -- the reloader ------------------------------------------------------------------
+# With engine.autoreload.on a supervising parent owns the listening
 # socket and runs each generation of the application in a child process.
 # The parent polls the files the child reported (modules it loaded outside
 # the standard library and site-packages, plus engine.autoreload.files), one
@@ -3874,7 +4125,6 @@ class _ClosingBody:
 # to import reports file, line and error once; the old child keeps serving,
 # or, if there is none, the failed child serves that error as a 500 page.
 # Reloader off: none of this runs.
-# ===========================================================================
 
 _RELOAD_ENV = "MINIPUB_RELOADER"
 _CHILD = None  # in a reloader child: {"chan", "sock", "error", "files", "ready"}
@@ -4189,11 +4439,23 @@ def configure_logging(config: dict) -> None:
         logger.propagate = False
 
 
-def quickstart(root, script_name: str = "", config: dict = None) -> None:
-    """Serve ``root`` with minipub's server until Ctrl-C or SIGTERM."""
-    config = make_config(config)
-    configure_logging(config)
-    serve(Application(root, config, script_name), config)
+def quickstart(root=None, script_name: str = "", config=None) -> None:
+    """Mount ``root`` on minipub.tree and serve the tree until Ctrl-C or SIGTERM.  ``config`` (a
+    dict or an INI path) is the application's; its global part also updates minipub.config."""
+    try:
+        if config is not None:
+            _PROCESS_CONFIG.update(_read_sections(config)[0])
+        if root is not None:
+            tree.mount(root, script_name, config)
+        settings = _limits(_PROCESS_CONFIG)
+        configure_logging(settings)
+        serve(tree, settings)
+    except (ConfigError, _StartError) as exc:
+        print("minipub: error: %s" % exc, file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # the port is taken, the address is not ours, ...
+        print("minipub: error: cannot listen: %s" % (exc.strerror or exc), file=sys.stderr)
+        sys.exit(2)
 
 
 def serve(app, config: dict, sock=None) -> None:
@@ -4204,11 +4466,15 @@ def serve(app, config: dict, sock=None) -> None:
         return
     server = Server(app, config["server.socket_host"], config["server.socket_port"], sock=sock, config=config)
     server._prepare()
+    engine._begin(server)  # start callbacks: after binding, before accepting
     if _CHILD is not None:
         _child_ready()
     for url in server.urls:
         _logger().info("minipub %s serving on %s", __version__, url)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        engine._end()
     _logger().info("minipub stopped")
 
 
@@ -4331,13 +4597,176 @@ def main(argv=None) -> int:
         return 2
     if reload:
         return _supervise(config, sock, ["target", args.target])
-    serve(app, config, sock)
+    try:
+        serve(app, config, sock)
+    except _StartError as exc:
+        print("minipub: error: %s" % exc, file=sys.stderr)
+        return 2
     return 0
 
+
+
+# -- CherryPy's import paths -----------------------------------------------------
+# ``from minipub.lib import static``, ``minipub.lib.auth_basic.checkpassword_dict``,
+# ``from minipub.test import helper``, ``minipub.dispatch.MethodDispatcher``: views
+# of this one file's objects registered in sys.modules, not a second framework.
+
+def _checkpassword_dict(user_password_dict: dict):
+    """CherryPy's lib.auth_basic.checkpassword_dict: a checkpassword(realm, user, password)."""
+    import hmac
+
+    def checkpassword(realm, user, password):
+        stored = user_password_dict.get(user)
+        return stored is not None and hmac.compare_digest(stored.encode("utf-8"), password.encode("utf-8"))
+    return checkpassword
+
+
+def _get_ha1_dict_plain(user_password_dict: dict):
+    """CherryPy's lib.auth_digest.get_ha1_dict_plain: get_ha1(realm, user) = MD5(user:realm:password)."""
+    def get_ha1(realm, user):
+        password = user_password_dict.get(user)
+        return None if password is None else _Digest.h("MD5", "%s:%s:%s" % (user, realm, password))
+    return get_ha1
+
+
+def _get_ha1_dict(user_ha1_dict: dict):
+    """CherryPy's lib.auth_digest.get_ha1_dict: get_ha1(realm, user) from stored MD5 H(A1) values."""
+    return lambda realm, user: user_ha1_dict.get(user)
+
+
+def _helper_attribute(name: str):
+    if name == "CPWebCase":  # built at first use: unittest is not imported by ``import minipub``
+        case = _cpwebcase()
+        for module in [m for m in sys.modules.values() if getattr(m, "_minipub_helper", False)]:
+            module.CPWebCase = case
+        return case
+    raise AttributeError("module 'test.helper' has no attribute %r" % name)
+
+
+def _cpwebcase():
+    import unittest
+
+    class CPWebCase(unittest.TestCase):
+        """CherryPy's test helper, in-process: setup_server() mounts on minipub.tree, getPage()
+        calls the tree through the same Application code the server runs (no socket)."""
+
+        @classmethod
+        def setUpClass(cls):
+            super().setUpClass()
+            cls._saved_apps = dict(tree.apps)
+            setup = getattr(cls, "setup_server", None)
+            if setup is not None:
+                setup()
+
+        @classmethod
+        def tearDownClass(cls):
+            tree.apps.clear()
+            for name, app in cls._saved_apps.items():
+                tree._put(name, app)
+            super().tearDownClass()
+
+        def getPage(self, url, headers=None, method="GET", body=None, protocol="HTTP/1.1"):
+            self.status, self.headers, self.body = _call_wsgi(tree, method, url, headers or [], body, protocol)
+            return self.status, self.headers, self.body
+
+        def _values(self, key):
+            return [v for k, v in self.headers if k.lower() == key.lower()]
+
+        def assertStatus(self, status, msg=None):
+            wanted = status if isinstance(status, (list, tuple)) else [status]
+            code, line = int(self.status[:3]), self.status
+            if not any(code == s if isinstance(s, int) else line == s or line[:3] == s for s in wanted):
+                self.fail(msg or "status %r, wanted %r" % (self.status, status))
+
+        def assertHeader(self, key, value=None, msg=None):
+            values = self._values(key)
+            if not values or (value is not None and str(value) not in values):
+                self.fail(msg or "%s: %r, wanted %r" % (key, values, value))
+
+        def assertNoHeader(self, key, msg=None):
+            if self._values(key):
+                self.fail(msg or "%s present: %r" % (key, self._values(key)))
+
+        def _bytes(self, value):
+            return value.encode("utf-8") if isinstance(value, str) else value
+
+        def assertBody(self, value, msg=None):
+            if self.body != self._bytes(value):
+                self.fail(msg or "body %r, wanted %r" % (self.body[:200], value))
+
+        def assertInBody(self, value, msg=None):
+            if self._bytes(value) not in self.body:
+                self.fail(msg or "%r not in body %r" % (value, self.body[:200]))
+
+        def assertNotInBody(self, value, msg=None):
+            if self._bytes(value) in self.body:
+                self.fail(msg or "%r in body" % (value,))
+
+        def assertMatchesBody(self, pattern, msg=None, flags=0):
+            if re.search(self._bytes(pattern), self.body, flags) is None:
+                self.fail(msg or "%r does not match the body" % (pattern,))
+    return CPWebCase
+
+
+def _call_wsgi(app, method: str, url: str, headers, body, protocol: str = "HTTP/1.1"):
+    """One in-process request: (status line, [(name, value)], body bytes)."""
+    import io
+    path, _, query = url.partition("?")
+    body = body.encode("utf-8") if isinstance(body, str) else (body or b"")
+    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": _unquote(path), "QUERY_STRING": query,
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": protocol,
+               "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "1234", "REQUEST_URI": url, "HTTP_HOST": "127.0.0.1",
+               "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+               "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+               "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper}
+    if body:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    for name, value in headers:
+        key = _env_key(name)
+        environ[key] = environ[key] + "," + value if key in environ and key.startswith("HTTP_") else value
+    out = {}
+
+    def start_response(status, fields, exc_info=None):
+        out["status"], out["headers"] = status, fields
+    result = app(environ, start_response)
+    try:
+        data = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return out["status"], out["headers"], b"" if method == "HEAD" else data
+
+
+def _import_paths(name: str) -> None:
+    """Register the submodules under ``name`` (the module's name, and its file name as a script)."""
+    from types import ModuleType
+    this = sys.modules[__name__]
+
+    def module(sub: str, doc: str, **names):
+        made = sys.modules.get("%s.%s" % (name, sub))
+        if made is None:
+            made = sys.modules["%s.%s" % (name, sub)] = ModuleType("%s.%s" % (name, sub), doc)
+        made.__dict__.update(names)
+        return made
+    static = module("lib.static", "serve_file, serve_download, staticdir, staticfile", serve_file=serve_file,
+                    serve_download=serve_download, staticdir=_staticdir, staticfile=_staticfile)
+    basic = module("lib.auth_basic", "tools.auth_basic", checkpassword_dict=_checkpassword_dict,
+                   basic_auth=_basic)
+    digest = module("lib.auth_digest", "tools.auth_digest", get_ha1_dict_plain=_get_ha1_dict_plain,
+                    get_ha1_dict=_get_ha1_dict, digest_auth=_digest)
+    this.lib = module("lib", "CherryPy's cherrypy.lib paths", static=static, auth_basic=basic, auth_digest=digest)
+    helper = module("test.helper", "CPWebCase", __getattr__=_helper_attribute, _minipub_helper=True)
+    this.test = module("test", "CherryPy's cherrypy.test paths", helper=helper)
+    this.dispatch = module("dispatch", "request.dispatch values", Dispatcher=Dispatcher,
+                           MethodDispatcher=MethodDispatcher)
+
+
+_import_paths(__name__)
 
 if __name__ == "__main__":
     # Run as a script this module is "__main__"; register it under its file
     # name too, so the application's ``import minipub`` gets this very module
     # (one ``request`` object), whatever name the vendored copy has.
     sys.modules.setdefault(os.path.splitext(os.path.basename(__file__))[0], sys.modules[__name__])
+    _import_paths(os.path.splitext(os.path.basename(__file__))[0])
     sys.exit(_reload_child() if _RELOAD_ENV in os.environ else main())
