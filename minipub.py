@@ -3111,7 +3111,7 @@ def _json_in(content_type=("application/json", "text/javascript"), force: bool =
             raise HTTPError(415, "Expected a JSON body (Content-Type: %s)." % kinds[0])
         return
     try:
-        req.json = json.loads(req.body.read().decode("utf-8"))
+        req.json = json.loads(b"".join(iter(lambda: req.body.read(_BLOCK), b"")).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
         raise HTTPError(400, "The body is not a valid JSON document: %s." % exc) from None
     req.process_request_body = False

@@ -1291,6 +1291,505 @@ def test_cli_bind_errors_are_one_line_and_status_2():
 
 
 # ===========================================================================
+# Configuration levels, hooks and tools (the CherryPy model)
+# ===========================================================================
+
+@pytest.fixture
+def process_config():
+    """minipub.config, restored after the test (it is process-wide, as cherrypy.config)."""
+    yield minipub.config
+    minipub.config.reset()
+
+
+def _headers_value(app, path):
+    return json.loads(call_app(app, path=path)[2])
+
+
+class Levels:
+    """Each level sets tools.response_headers.headers; the handler reports which one won."""
+    @minipub.expose
+    def index(self):
+        return minipub.request.config["tools.response_headers.headers"]
+
+    class Deeper:
+        _cp_config = {"tools.response_headers.headers": [("X-Level", "class")]}
+
+        @minipub.expose
+        def index(self):
+            return minipub.request.config["tools.response_headers.headers"]
+
+        @minipub.expose
+        def own(self):
+            return minipub.request.config["tools.response_headers.headers"]
+        own._cp_config = {"tools.response_headers.headers": [("X-Level", "handler")]}
+
+        @minipub.expose
+        def plain(self):
+            return minipub.request.config["tools.response_headers.headers"]
+    deeper = Deeper()
+
+    @minipub.expose
+    def section(self):
+        return minipub.request.config["tools.response_headers.headers"]
+
+
+def test_config_merge_order_global_app_path_class_handler(process_config):
+    process_config.update({"tools.response_headers.headers": [("X-Level", "global")]})
+    app = minipub.Application(Levels(), {"/": {"tools.response_headers.headers": [("X-Level", "app")]},
+                                         "/section": {"tools.response_headers.headers": [("X-Level", "path")]},
+                                         "/deeper/plain": {"tools.response_headers.headers": [["X-Level", "p"]]}})
+    assert _headers_value(app, "/") == [["X-Level", "app"]]
+    assert _headers_value(app, "/section") == [["X-Level", "path"]]
+    assert _headers_value(app, "/deeper/") == [["X-Level", "class"]]        # _cp_config beats a path
+    assert _headers_value(app, "/deeper/plain") == [["X-Level", "class"]]   # ... even a deeper one
+    assert _headers_value(app, "/deeper/own") == [["X-Level", "handler"]]   # the handler's is last
+    assert _headers_value(minipub.Application(Levels()), "/") == [["X-Level", "global"]]
+    process_config.update({"tools.response_headers.headers": [("X-Level", "changed")]})  # live, as CherryPy
+    assert _headers_value(minipub.Application(Levels()), "/") == [["X-Level", "changed"]]
+
+
+def test_config_from_an_ini_file_with_path_sections(tmp_path):
+    (tmp_path / "public").mkdir()
+    (tmp_path / "public" / "a.txt").write_text("from disk")
+    ini = tmp_path / "app.conf"
+    ini.write_text('[global]\nrequest.show_tracebacks = True\n[/]\ntools.staticdir.root = %r\n'
+                   '[/static]\ntools.staticdir.on = True\ntools.staticdir.dir = "public"\n' % str(tmp_path))
+    app = minipub.Application(Levels(), str(ini))
+    assert app.config["request.show_tracebacks"] is True
+    status, headers, body = call_app(app, path="/static/a.txt")
+    assert (status, body) == (200, b"from disk") and headers["content-type"] == "text/plain; charset=utf-8"
+    assert call_app(app, path="/static/missing.txt")[0] == 404
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda: minipub.config.update({"tools.sesions.on": True}), r"'tools.sesions.on' in \[global\]"),
+    (lambda: minipub.Application(Levels(), {"/": {"tools.gzip.levle": 5}}), r"no argument 'levle'.*\[/\]"),
+    (lambda: minipub.Application(Levels(), {"/x": {"server.socket_port": 1}}), r"socket_port.*\[/x\].*global"),
+    (lambda: minipub.Application(Levels(), {"/": {"reqest.show_tracebacks": True}}), r"reqest.*\[/\]"),
+    (lambda: minipub.Application(Levels(), {"/": {"error_page.999": "x.html"}}), "error_page"),
+    (lambda: minipub.Application(Levels(), {"/": {"hooks.before_hander": print}}), "hooks"),
+    (lambda: minipub.config.update({"/": {"tools.gzip.on": True}}), "belong to an application"),
+])
+def test_unknown_config_keys_name_the_key_and_section(process_config, make, where):
+    with pytest.raises(minipub.ConfigError, match=where):
+        make()
+
+
+def test_cp_config_typo_fails_at_mount_and_decorator_typo_at_import():
+    class Root:
+        class Sub:
+            _cp_config = {"tools.json_out.onn": True}
+
+            @minipub.expose
+            def index(self):
+                return "x"
+        sub = Sub()
+    with pytest.raises(minipub.ConfigError, match=r"json_out.*onn.*_cp_config of .*Sub"):
+        minipub.Application(Root())
+    with pytest.raises(TypeError, match="no argument 'cotent_type'"):
+        minipub.tools.json_out(cotent_type="x")
+
+
+def test_hook_points_run_in_order_with_priorities():
+    seen = []
+    names = ["on_start_resource", "before_request_body", "before_handler", "before_finalize",
+             "on_end_resource", "on_end_request"]
+    for i, point in enumerate(names):
+        setattr(minipub.tools, "rec_%d" % i, minipub.Tool(point, lambda point=point, tag="": seen.append(point + tag)))
+    minipub.tools.early = minipub.Tool("before_handler", lambda: seen.append("early"), priority=10)
+
+    class Root:
+        _cp_config = dict([("tools.rec_%d.on" % i, True) for i in range(len(names))] + [("tools.early.on", True)])
+
+        @minipub.expose
+        def index(self):
+            seen.append("handler")
+            return "ok"
+    assert call_app(minipub.Application(Root()))[2] == b"ok"
+    assert seen == names[:2] + ["early", "before_handler", "handler"] + names[3:]
+    seen.clear()
+    Root.boom = minipub.expose(lambda self: 1 / 0)
+    minipub.tools.err1 = minipub.Tool("before_error_response", lambda: seen.append("before_error"))
+    minipub.tools.err2 = minipub.Tool("after_error_response", lambda: seen.append("after_error"))
+    Root._cp_config.update({"tools.err1.on": True, "tools.err2.on": True})
+    assert call_app(minipub.Application(Root()), path="/boom")[0] == 500
+    assert seen[:5] == names[:2] + ["early", "before_handler", "before_error"]
+    assert "after_error" in seen and seen[-1] == "on_end_request"
+
+
+def test_a_tool_used_three_ways_and_a_custom_tool_with_arguments():
+    def stamp(value="x"):
+        minipub.response.headers["X-Stamp"] = value
+    minipub.tools.stamp = minipub.Tool("before_finalize", stamp)
+
+    class Root:
+        @minipub.expose
+        @minipub.tools.stamp(value="decorator")
+        def deco(self):
+            return "d"
+
+        @minipub.expose
+        def conf(self):
+            return "c"
+
+        class Sub:
+            _cp_config = {"tools.stamp.on": True, "tools.stamp.value": "cp_config"}
+
+            @minipub.expose
+            def index(self):
+                return "s"
+        sub = Sub()
+    app = minipub.Application(Root(), {"/conf": {"tools.stamp.on": True, "tools.stamp.value": "config"}})
+    assert call_app(app, path="/deco")[1]["x-stamp"] == "decorator"
+    assert call_app(app, path="/conf")[1]["x-stamp"] == "config"
+    assert call_app(app, path="/sub/")[1]["x-stamp"] == "cp_config"
+
+
+class JsonApi:
+    @minipub.expose
+    @minipub.tools.json_in()
+    @minipub.tools.json_out()
+    def echo(self):
+        return {"got": minipub.request.json}
+
+    @minipub.expose
+    @minipub.tools.json_out()
+    def missing(self):
+        raise minipub.NotFound("No such book.")
+
+    @minipub.expose
+    @minipub.tools.accept(media="text/plain")
+    def plain(self):
+        return "plain"
+
+    @minipub.expose
+    @minipub.tools.allow(methods=["POST"])
+    def post_only(self):
+        return "posted"
+
+
+def test_json_in_and_json_out_tools():
+    app = minipub.Application(JsonApi())
+    post = {"Content-Type": "application/json"}
+    status, headers, body = call_app(app, "POST", "/echo", body=b'{"a": [1, 2]}', headers=post)
+    assert status == 200 and json.loads(body) == {"got": {"a": [1, 2]}} and headers["content-type"] == "application/json"
+    assert call_app(app, "POST", "/echo", body=b'{"a": ', headers=post)[0] == 400
+    assert call_app(app, "POST", "/echo", body=b"a=1", headers={"Content-Type": "text/plain"})[0] == 415
+    status, headers, body = call_app(app, path="/missing")  # a json_out handler's errors are JSON
+    assert status == 404 and json.loads(body) == {"status": 404, "message": "No such book."}
+
+
+def test_json_errors_follow_the_accept_header():
+    app = minipub.Application(DispatchRoot())
+    status, headers, body = call_app(app, path="/nowhere", headers={"Accept": "application/json"})
+    assert status == 404 and headers["content-type"] == "application/json" and json.loads(body)["status"] == 404
+    browser = "text/html,application/xhtml+xml,application/json;q=0.9,*/*;q=0.8"
+    assert call_app(app, path="/nowhere", headers={"Accept": browser})[1]["content-type"].startswith("text/html")
+    status, headers, body = call_app(minipub.Application(JsonApi()), "GET", "/post_only",
+                                     headers={"Accept": "application/json"})
+    assert status == 405 and headers["allow"] == "POST" and json.loads(body)["status"] == 405
+
+
+def test_accept_allow_response_headers_and_expires_tools():
+    app = minipub.Application(JsonApi())
+    assert call_app(app, path="/plain", headers={"Accept": "text/*"})[2] == b"plain"
+    status, _, body = call_app(app, path="/plain", headers={"Accept": "application/json"})
+    assert status == 406 and b"text/plain" in body
+    assert call_app(app, "POST", "/post_only")[2] == b"posted"
+    conf = {"/": {"tools.response_headers.on": True, "tools.response_headers.headers": [("X-Frame-Options", "DENY")],
+                  "tools.expires.on": True, "tools.expires.secs": 60}}
+    headers = call_app(minipub.Application(DispatchRoot(), conf), path="/")[1]
+    assert headers["x-frame-options"] == "DENY" and headers["cache-control"] == "max-age=60" and "expires" in headers
+
+
+def test_gzip_tool_negotiates_streams_and_leaves_small_or_compressed_bodies():
+    class Root:
+        @minipub.expose
+        def big(self):
+            minipub.response.headers["ETag"] = '"v1"'
+            return ("line %d\n" % i for i in range(20000))  # generated: never held whole
+
+        @minipub.expose
+        def small(self):
+            return "tiny"
+
+        @minipub.expose
+        def png(self):
+            minipub.response.headers["Content-Type"] = "image/png"
+            return b"\x89PNG" * 1000
+    app = minipub.Application(Root(), {"/": {"tools.gzip.on": True}})
+    status, headers, body = call_app(app, path="/big", headers={"Accept-Encoding": "br;q=1, gzip;q=0.5"})
+    assert headers["content-encoding"] == "gzip" and headers["vary"] == "Accept-Encoding"
+    assert headers["etag"] == 'W/"v1"' and "content-length" not in headers
+    assert zlib.decompress(body, 31) == "".join("line %d\n" % i for i in range(20000)).encode()
+    refused = call_app(app, path="/big", headers={"Accept-Encoding": "gzip;q=0, *;q=1"})[1]
+    assert "content-encoding" not in refused and refused["vary"] == "Accept-Encoding"
+    assert "content-encoding" not in call_app(app, path="/small", headers={"Accept-Encoding": "gzip"})[1]
+    assert "content-encoding" not in call_app(app, path="/png", headers={"Accept-Encoding": "gzip"})[1]
+
+
+def test_encode_trailing_slash_and_proxy_tools():
+    class Root:
+        @minipub.expose
+        def index(self):
+            return "é"
+
+        @minipub.expose
+        def page(self):
+            return minipub.url("/next")
+
+        class Sub:
+            @minipub.expose
+            def index(self):
+                return "sub"
+        sub = Sub()
+    app = minipub.Application(Root(), {"/": {"tools.encode.on": True, "tools.encode.encoding": "latin-1"}})
+    status, headers, body = call_app(app)
+    assert body == "é".encode("latin-1") and headers["content-type"] == "text/html; charset=latin-1"
+    assert call_app(app, path="/sub")[1]["location"] == "http://127.0.0.1/sub/"  # on by default
+    off = minipub.Application(Root(), {"/sub": {"tools.trailing_slash.on": False}})
+    assert call_app(off, path="/sub")[2] == b"sub"
+    extra = minipub.Application(Root(), {"/": {"tools.trailing_slash.extra": True}})
+    assert call_app(extra, path="/page/")[1]["location"] == "http://127.0.0.1/page"
+    proxied = minipub.Application(Root(), {"/": {"tools.proxy.on": True, "tools.proxy.base": "https://example.org"}})
+    assert call_app(proxied, path="/page")[2] == b"https://example.org/next"
+
+
+class Rest:
+    exposed = True
+
+    def GET(self):
+        return "got"
+
+    def PUT(self, value):
+        return None
+
+
+def test_method_dispatcher_selects_methods_and_sends_allow():
+    class Root:
+        @minipub.expose
+        def index(self):
+            return "home"
+        items = Rest()
+    app = minipub.Application(Root(), {"/items": {"request.dispatch": minipub.dispatch.MethodDispatcher()}})
+    status, headers, body = call_app(app, path="/items")
+    assert (status, body, headers["allow"]) == (200, b"got", "GET, HEAD, PUT")
+    status, headers, body = call_app(app, "PUT", "/items", query="value=1")
+    assert status == 200 and body == b"" and headers["allow"] == "GET, HEAD, PUT"
+    assert call_app(app, "DELETE", "/items")[:2][0] == 405
+    assert "allow" not in call_app(app, path="/")[1]
+
+
+def test_error_pages_from_a_file_a_callable_and_error_response(tmp_path):
+    page = tmp_path / "403.html"
+    page.write_text("<h2>No!</h2><p>%(message)s</p><pre>%(traceback)s</pre>%(status)s")
+
+    class Root:
+        @minipub.expose
+        def forbidden(self):
+            raise minipub.HTTPError(403, "<b>not you</b>")
+
+        @minipub.expose
+        def boom(self):
+            raise RuntimeError("x")
+    app = minipub.Application(Root(), {"/": {"error_page.403": str(page),
+                                             "error_page.default": lambda status, message, traceback, version:
+                                             "default %s %s" % (status, version)}})
+    status, headers, body = call_app(app, path="/forbidden")
+    assert status == 403 and body == b"<h2>No!</h2><p>&lt;b&gt;not you&lt;/b&gt;</p><pre></pre>403 Forbidden"
+    assert call_app(app, path="/nowhere")[2] == ("default 404 Not Found %s" % minipub.__version__).encode()
+
+    def custom():
+        minipub.response.status = 503
+        minipub.response.body = "custom error response"
+    status, _, body = call_app(minipub.Application(Root(), {"/": {"request.error_response": custom}}), path="/boom")
+    assert (status, body) == (503, b"custom error response")
+
+
+def test_default_error_page_explains_and_mismatch_messages_name_parameters():
+    class Root:
+        @minipub.expose
+        def upload(self, upload):
+            return "x"
+    app = minipub.Application(Root())
+    status, headers, body = call_app(app, path="/upload")
+    assert status == 404 and b"Missing parameters: upload" in body and b"<style>" in body
+    assert headers["x-content-type-options"] == "nosniff"
+    assert b"Unexpected query string parameters: utm_source" in call_app(app, path="/upload?upload=1&utm_source=x")[2]
+    status, _, body = call_app(app, "POST", "/upload", body=b"upload=1&x=<b>",
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 400 and b"Unexpected body parameters: x" in body
+    assert b"Nothing matches the given URI" in call_app(app, path="/nowhere")[2]
+
+
+def test_redirects_url_and_tree_with_several_apps_and_a_graft(process_config):
+    class Admin:
+        @minipub.expose
+        def index(self):
+            return "admin " + minipub.request.script_name
+
+        @minipub.expose
+        def go(self):
+            raise minipub.HTTPRedirect([minipub.url("/")])
+
+        @minipub.expose
+        def where(self):
+            return minipub.url("x", qs={"a": 1})
+    tree = minipub.Tree()
+    tree.mount(Admin(), "/admin")
+    tree.mount(DispatchRoot(), "/")
+    def plain_wsgi(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["SCRIPT_NAME"].encode() + b"|" + environ["PATH_INFO"].encode()]
+    tree.graft(plain_wsgi, "/wsgi")
+    assert call_app(tree, path="/admin/")[2] == b"admin /admin"
+    status, headers, _ = call_app(tree, path="/admin/go")
+    assert status == 303 and headers["location"] == "http://127.0.0.1/admin/"
+    assert call_app(tree, path="/admin/where")[2] == b"http://127.0.0.1/admin/x?a=1"
+    assert call_app(tree, path="/wsgi/x")[2] == b"/wsgi|/x"
+    assert call_app(tree, path="/report.xml")[2] == b"<r/>"
+
+
+def test_text_mode_file_is_served_with_a_guessed_type(serve, tmp_path):
+    (tmp_path / "index.html").write_text("<p>hi</p>\n")
+
+    class Root:
+        @minipub.expose
+        def index(self):
+            return open(str(tmp_path / "index.html"))
+    server = serve(minipub.Application(Root()))
+    with urllib.request.urlopen("http://127.0.0.1:%d/" % server.port, timeout=5) as answer:
+        assert answer.read() == b"<p>hi</p>\n" and answer.headers["Content-Type"] == "text/html; charset=utf-8"
+
+
+def test_304_and_204_carry_no_content_type():
+    class Root:
+        @minipub.expose
+        def empty(self):
+            minipub.response.status = 204
+    assert "content-type" not in call_app(minipub.Application(Root()), path="/empty")[1]
+
+
+def test_global_config_update_at_run_time_and_server_attributes(process_config):
+    class Root:
+        @minipub.expose
+        def index(self):
+            return str(minipub.request.show_tracebacks)
+    app = minipub.Application(Root())
+    assert call_app(app)[2] == b"False"
+    process_config.update({"request.show_tracebacks": True})  # as CherryPy's tutorial 10 toggles it
+    assert call_app(app)[2] == b"True"
+    minipub.server.socket_port = 9999
+    assert minipub.config["server.socket_port"] == 9999 and minipub.server.thread_pool == 10
+    with pytest.raises(minipub.ConfigError):
+        minipub.server.thread_pool = "many"
+
+
+def test_cherrypy_import_paths_resolve_in_the_one_file():
+    from minipub.lib import static, auth_basic, auth_digest
+    from minipub.test import helper
+    assert static.serve_file is minipub.serve_file and callable(static.serve_download)
+    check = auth_basic.checkpassword_dict({"ann": "pw"})
+    assert check("r", "ann", "pw") and not check("r", "ann", "no")
+    assert auth_digest.get_ha1_dict_plain({"ann": "pw"})("r", "ann") == hashlib.md5(b"ann:r:pw").hexdigest()
+    assert issubclass(helper.CPWebCase, __import__("unittest").TestCase)
+
+
+from minipub.test import helper as _helper  # noqa: E402 - CherryPy's pytest tutorial, as written
+
+
+class TestCherryPyHelper(_helper.CPWebCase):
+    @staticmethod
+    def setup_server():
+        class StringGenerator:
+            @minipub.expose
+            def index(self):
+                return "Hello world!"
+
+            @minipub.expose
+            def echo(self, message):
+                return message
+        minipub.tree.mount(StringGenerator(), "/", {})
+
+    def test_index(self):
+        self.getPage("/")
+        self.assertStatus("200 OK")
+        self.assertHeader("Content-Type", "text/html; charset=utf-8")
+        self.assertBody("Hello world!")
+
+    def test_non_utf8_query_is_another_url(self):
+        self.getPage("/echo?message=A+bient%F4t")
+        self.assertStatus("404 Not Found")
+        self.getPage("/echo?message=Hello%20world")
+        self.assertInBody("Hello world")
+
+
+def test_engine_callbacks_and_a_failing_start_callback(tmp_path):
+    (tmp_path / "app.py").write_text(textwrap_dedent('''
+        import sys, minipub
+        minipub.engine.subscribe("start", lambda: print("started", flush=True))
+        minipub.engine.subscribe("stop", lambda: print("stopped", flush=True))
+        if "fail" in sys.argv:
+            minipub.engine.subscribe("start", lambda: 1 / 0, priority=10)
+        class Root:
+            @minipub.expose
+            def index(self):
+                return "up"
+        if __name__ == "__main__":
+            minipub.quickstart(Root(), config={"global": {"server.socket_port": int(sys.argv[1]), "log.screen": False}})
+    '''))
+    env = dict(os.environ, PYTHONPATH=HERE)
+    failed = subprocess.run([sys.executable, "app.py", str(free_port()), "fail"], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=20)
+    assert failed.returncode == 2 and "started" not in failed.stdout
+    assert failed.stderr.strip().count("\n") == 0 and "ZeroDivisionError" in failed.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", str(port)], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "started\n"
+        wait_for_port(port, proc)
+        assert urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5).read() == b"up"
+        proc.send_signal(signal_module().SIGTERM)
+        assert proc.wait(timeout=20) == 0 and proc.stdout.read() == "stopped\n"
+    finally:
+        proc.kill()
+
+
+def test_engine_start_and_block_serve_the_tree_in_process(process_config):
+    class Root:
+        @minipub.expose
+        def index(self):
+            return "tree"
+    saved = dict(minipub.tree.apps)
+    process_config.update({"server.socket_port": 0, "log.screen": False})
+    minipub.tree.mount(Root(), "/")
+    events = []
+    minipub.engine.subscribe("stop", lambda: events.append("stop"))
+    try:
+        minipub.engine.start()
+        port = minipub.engine.server.port
+        assert urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5).read() == b"tree"
+        threading.Timer(0.2, minipub.engine.exit).start()
+        minipub.engine.block()  # returns once exit() has stopped the server
+        assert events == ["stop"] and minipub.engine.state == "EXITED"
+    finally:
+        minipub.engine = type(minipub.engine)()
+        minipub.tree.apps.clear()
+        minipub.tree.apps.update(saved)
+
+
+def textwrap_dedent(text):
+    import textwrap
+    return textwrap.dedent(text)
+
+
+def signal_module():
+    import signal
+    return signal
+
+
+# ===========================================================================
 # Tools: authentication
 # ===========================================================================
 
