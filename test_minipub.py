@@ -3488,14 +3488,45 @@ def test_library_database_file_persists_and_seeds_once(monkeypatch, tmp_path):
         "Pride and Prejudice", "Frankenstein", "Moby-Dick", "Kept"]
 
 
+def test_notes_example_config_file_static_json_and_error_page():
+    from examples import notes
+    app = notes.app
+    status, headers, body = call_app(app, path="/static/style.css", headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["content-encoding"] == "gzip" and b"font" in zlib.decompress(body, 31)
+    post = {"Content-Type": "application/json"}
+    status, headers, body = call_app(app, "POST", "/api/notes", body=b'{"text": " buy milk "}', headers=post)
+    assert status == 201 and json.loads(body)["text"] == "buy milk"
+    assert json.loads(call_app(app, path="/api/notes/%d" % json.loads(body)["id"])[2])["text"] == "buy milk"
+    assert call_app(app, "POST", "/api/notes", body=b"[1]", headers=post)[0] == 400
+    status, headers, body = call_app(app, path="/api/notes/999")
+    assert status == 404 and json.loads(body)["message"] == "There is no note 999."
+    status, headers, body = call_app(app, path="/nowhere")
+    assert status == 404 and b"Back to the notes" in body  # error_page.404 from _cp_config
+
+
+def test_notes_example_runs_as_a_cherrypy_style_script():
+    port = free_port()
+    code = "import sys; sys.argv[1:] = []; import minipub; minipub.config.update({'server.socket_port': %d}); " \
+           "import runpy; runpy.run_module('examples.notes', run_name='__main__')" % port
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        assert b"Notes" in urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5).read()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 @pytest.mark.parametrize("name,path,expected", [
     ("hello", "/", b"Hello, world!"),
     ("faq", "/report.xml", b"<"),
     ("library", "/api/books", b"["),
+    ("notes:app", "/api/notes", b'{"notes"'),
 ])
 def test_example_runs_from_the_command_line(name, path, expected):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "minipub.py", "examples.%s:Root" % name, "--port", str(port),
+    target = "examples.%s" % name if ":" in name else "examples.%s:Root" % name
+    proc = subprocess.Popen([sys.executable, "minipub.py", target, "--port", str(port),
                              "--log.screen", "false"], cwd=HERE)
     try:
         wait_for_port(port, proc)
