@@ -2262,7 +2262,7 @@ class Application:
         if "_uploads" in req.__dict__:  # temporary files live until the body is sent
             body = _release_uploads(req, body)
         if "on_end_request" in req.hooks:
-            body = _ClosingBody(body, lambda: _run_safely(req, "on_end_request"))
+            body = _on_close(body, lambda: _run_safely(req, "on_end_request"))
         if req.login is not None:
             environ["REMOTE_USER"] = req.login
         status = resp.status if isinstance(resp.status, str) else status_line(int(resp.status))
@@ -2296,15 +2296,11 @@ class Application:
             root = resolve(req)
         handler, args, trail, req.is_index = find_handler(root, req.path_info)
         method, allowed = _method_handler(handler, req.method)
-        walked = trail if handler is None or handler is trail[-1] else trail + [handler]
-        if method is not None and method is not handler:
-            walked = walked + [method]
-        trailing = req.path_info[-1:] == "/"
-        plan = self._plan(req.path_info, walked, (handler is not None and req.is_index, trailing))
+        plan = self._plan(req.path_info, trail, handler, method, req.is_index)
         req.config, req.hooks, req.show_tracebacks = plan.config, plan.hooks, plan.tracebacks
         if plan.allow and allowed:  # request.dispatch = MethodDispatcher(): Allow on every answer
             resp.headers["Allow"] = ", ".join(allowed)
-        req.handler = method if method is not None else _refusal(handler, req.method, allowed)
+        req.handler = method or _refusal(handler, req.method, allowed)
         hooks = plan.hooks
         if hooks:
             _run(hooks, "on_start_resource")
@@ -2321,12 +2317,20 @@ class Application:
             _run(hooks, "before_finalize")
         return _body_of(resp.body, resp)
 
-    def _plan(self, path, walked, route):
-        sections = tuple(p for p in self._paths if p == "/" or path == p or path.startswith(p + "/"))
-        key = (sections, route) + tuple(id(getattr(node, "__func__", node)) for node in walked)
-        self.config  # noqa: B018 - refreshes the cache when minipub.config changed
+    def _plan(self, path, trail, handler, method, is_index):
+        """The cached _Plan of this route: its sections, the walked nodes, handler and method."""
+        if self._version != config.version:
+            self.config  # noqa: B018 - minipub.config changed: merge again
+        sections = () if not self._paths else tuple(
+            p for p in self._paths if p == "/" or path == p or path.startswith(p + "/"))
+        route = (handler is not None and is_index, path[-1:] == "/")
+        key = (sections, route, id(getattr(handler, "__func__", handler)),
+               id(getattr(method, "__func__", method))) + tuple(map(id, trail))
         plan = self._plans.get(key)
         if plan is None:
+            walked = trail if handler is None or handler is trail[-1] else trail + [handler]
+            if method is not None and method is not handler:
+                walked = walked + [method]
             plan = _Plan(self, sections, walked, route)
             if len(self._plans) < 4096:  # bounded: a default handler takes any path
                 self._plans[key] = plan
@@ -2703,6 +2707,8 @@ def _query_params(query: str) -> dict:
 def _body_params(req) -> dict:
     ctype = req.environ.get("CONTENT_TYPE", "")
     kind = ctype.partition(";")[0].strip(" \t").lower()
+    if not kind:
+        return {}
     length, cap = req.environ.get("CONTENT_LENGTH"), req.config["server.max_request_body_size"]
     if cap and length and length.isdigit() and int(length) > cap:  # lowered for this path
         raise HTTPError(413, "Request body too large for this address.")
@@ -3975,17 +3981,27 @@ def parse_multipart(req, content_type: str) -> dict:
 
 def _release_uploads(req, body=None):
     """Close the request's Parts now, or for a streamed body when the server closes it."""
-    parts, inner = req.__dict__.pop("_uploads", ()), getattr(body, "close", None)
+    parts = req.__dict__.pop("_uploads", ())
+
+    def close():
+        for part in parts:
+            part.close()
+    if body is None or isinstance(body, list):
+        return close() or body
+    return _on_close(body, close)
+
+
+def _on_close(body, then):
+    """``body`` whose close() (PEP 3333: the server calls it once the response is sent, or the
+    client is gone) also runs ``then``."""
+    inner = getattr(body, "close", None)
 
     def close():
         try:
             if inner is not None:
                 inner()
         finally:
-            for part in parts:
-                part.close()
-    if body is None or isinstance(body, list):
-        return close() or body
+            then()
     if isinstance(body, FileWrapper):  # keep its type: the server sends it with sendfile()
         body.close = close
         return body
