@@ -1841,6 +1841,10 @@ class _Exchange:
 
 def _check_headers(headers) -> int:
     """Validate response header fields; returns the Content-Length or None."""
+    checked = getattr(_local, "checked", None)
+    if checked is not None and checked[0] is headers:
+        _local.checked = None
+        return checked[1]  # an Application's own fields, checked by Response.set_fields
     if type(headers) is not list:
         raise TypeError("response headers must be a list of (name, value) tuples")
     length = None
@@ -1952,6 +1956,13 @@ class HeaderDict(dict):
             self[name] = value
         return self[name]
 
+    def default(self, name: str, value: str) -> None:
+        """Set ``name`` unless present; for minipub's own constant fields (not validated again)."""
+        key = name.lower()
+        if key not in self.names:
+            dict.__setitem__(self, key, value)
+            self.names[key] = name
+
     def update(self, other=(), **more):
         for name, value in [*(other.items() if isinstance(other, dict) else other), *more.items()]:
             self[name] = value
@@ -2040,6 +2051,8 @@ class Request:
 
 def _utf8(text: str) -> str:
     """PEP 3333 hands paths over as latin-1; browsers send UTF-8."""
+    if text.isascii():
+        return text
     try:
         return text.encode("latin-1").decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
@@ -2185,10 +2198,22 @@ class Response:
         return SimpleCookie()
 
     def set_fields(self) -> list:
-        """Every header field to send, Set-Cookie included."""
-        fields = self._headers.fields() + self.extra_fields + [("Set-Cookie", c) for c in self.cookies]
-        if "cookie" in self.__dict__:
-            fields += [("Set-Cookie", morsel.OutputString()) for morsel in self.cookie.values()]
+        """Every header field to send, Set-Cookie included, checked here once: start_response
+        then trusts them (they were validated as they were set)."""
+        headers = self._headers
+        if not _HOP_BY_HOP.isdisjoint(headers):
+            raise ValueError("hop-by-hop header %r is the server's business" % sorted(_HOP_BY_HOP & set(headers))[0])
+        fields = headers.fields()
+        if self.extra_fields or self.cookies:
+            fields += self.extra_fields + [("Set-Cookie", c) for c in self.cookies]
+        if "cookie" in self.__dict__:  # SimpleCookie output: checked like any field
+            fields += [("Set-Cookie", HeaderDict([("Set-Cookie", m.OutputString())])["Set-Cookie"])
+                       for m in self.cookie.values()]
+        length = headers.get("content-length")
+        if length is not None and not (length.isdigit() and length.isascii()):
+            raise ValueError("invalid Content-Length %r" % (length,))
+        # PEP 3333 wants a plain list, so the mark that it was checked is kept beside it.
+        _local.checked = (fields, None if length is None else int(length))
         return fields
 
     def set_cookie(self, name: str, value: str, max_age: int = None, path: str = "/",
@@ -2735,19 +2760,19 @@ def _body_of(result, resp):
     if code in (204, 304) or code < 200:
         return []  # RFC 9110 15.3.5 / 15.4.5: no content, so no Content-Type either
     if result is None or isinstance(result, str):
-        headers.setdefault("Content-Type", "text/html; charset=utf-8")
+        headers.default("Content-Type", "text/html; charset=utf-8")
         return [result.encode("utf-8")] if result else []
     if isinstance(result, bytes):
-        headers.setdefault("Content-Type", "application/octet-stream")
+        headers.default("Content-Type", "application/octet-stream")
         return [result]
     if isinstance(result, (dict, list)):
-        headers.setdefault("Content-Type", "application/json")
+        headers.default("Content-Type", "application/json")
         return [_json_bytes(result)]
     if isinstance(result, FileWrapper):  # serve_file(): headers already set
         return result
     if hasattr(result, "read"):
         return _file_body(result, headers)
-    headers.setdefault("Content-Type", "text/html; charset=utf-8")
+    headers.default("Content-Type", "text/html; charset=utf-8")
     return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in result)
 
 
