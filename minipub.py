@@ -949,7 +949,13 @@ _REQUEST_LINE = _Lazy(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
 # field-value = *field-content ; field-vchar = VCHAR / obs-text, SP and HTAB inside
 _BAD_VALUE = _Lazy(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = _Lazy(rb"[0-9]{1,18}")          # Content-Length = 1*DIGIT, bounded
-_HEXDIGITS = _Lazy(rb"[0-9A-Fa-f]{1,16}")  # chunk-size = 1*HEXDIG, bounded
+# chunk = chunk-size [ chunk-ext ] CRLF ... ; chunk-size = 1*HEXDIG, bounded (RFC 9112 7.1)
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+# chunk-ext-name = token ; chunk-ext-val = token / quoted-string ; BWS = *( SP / HTAB )
+# quoted-string = DQUOTE *( qdtext / quoted-pair ) DQUOTE (RFC 9110 5.6.4)
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_LINE = _Lazy(rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:[%s]+|%s))?)*"
+                    % (_TCHAR, _TCHAR, _QUOTED))
 # Host = uri-host [ ":" port ] ; uri-host = IP-literal / IPv4address / reg-name
 _HOST = _Lazy(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
 _ABSOLUTE = _Lazy(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
@@ -1090,12 +1096,13 @@ class RequestParser:
             return NEED_DATA
         line = bytes(buf[:end])
         del buf[:end + 2]
-        size, _, ext = line.partition(b";")
-        if not _HEXDIGITS.fullmatch(size):
-            raise ProtocolError(400, "Invalid chunk size.")
-        if len(ext) > self.max_ext or _BAD_VALUE.search(ext):
-            raise ProtocolError(400, "Invalid or oversized chunk extension.")
-        self._remaining = int(size, 16)
+        # Extensions are checked, then ignored: "A recipient MUST ignore
+        # unrecognized chunk extensions" (RFC 9112 7.1.1), but not malformed ones.
+        if len(line.partition(b";")[2]) > self.max_ext:
+            raise ProtocolError(400, "Oversized chunk extension.")
+        if not _CHUNK_LINE.fullmatch(line):
+            raise ProtocolError(400, "Invalid chunk size or chunk extension.")
+        self._remaining = int(line.partition(b";")[0], 16)  # int() allows the BWS before ";"
         self._total += self._remaining
         if self.max_body and self._total > self.max_body:
             raise ProtocolError(413, "Request body too large.")
@@ -1206,7 +1213,7 @@ def _target(head):
 
 def _semantics(head):
     """Host, framing (Content-Length / Transfer-Encoding), Connection, Expect."""
-    hosts, lengths, codings = [], [], []
+    hosts, lengths, codings = [], [], None
     for name, value in head.headers:
         lname = name.lower()
         if lname == "host":
@@ -1214,7 +1221,9 @@ def _semantics(head):
         elif lname == "content-length":
             lengths.append(value)
         elif lname == "transfer-encoding":
-            codings.extend(c.strip(" \t").lower() for c in value.split(","))
+            # RFC 9110 5.6.1.2: "a recipient MUST parse and ignore a reasonable
+            # number of empty list elements" (",chunked", "chunked,").
+            codings = (codings or []) + [c.strip(" \t").lower() for c in value.split(",") if c.strip(" \t")]
         elif lname == "connection":
             tokens = {t.strip(" \t").lower() for t in value.split(",")}
             if tokens & {"close", "keep-alive"}:  # close wins
@@ -1224,7 +1233,7 @@ def _semantics(head):
                 raise ProtocolError(417, "Only 'Expect: 100-continue' is supported.")
             head.expect_continue = head.version == "HTTP/1.1"
     _host(head, hosts)
-    if codings:
+    if codings is not None:  # present, even if it lists no coding at all
         _transfer_coding(head, codings, lengths)
     elif lengths:
         _content_length(head, lengths)
@@ -1252,6 +1261,12 @@ def _transfer_coding(head, codings, lengths):
         raise ProtocolError(400, "Both Content-Length and Transfer-Encoding.")
     if not all(_TOKEN.fullmatch(c.encode("latin-1")) for c in codings):
         raise ProtocolError(400, "Invalid Transfer-Encoding.")
+    if codings[-1:] != ["chunked"]:
+        # RFC 9112 6.3: "If a Transfer-Encoding header field is present in a
+        # request and the chunked transfer coding is not the final encoding, ...
+        # the server MUST respond with the 400 (Bad Request) status code and
+        # then close the connection."
+        raise ProtocolError(400, "The final transfer coding must be chunked.")
     if codings.count("chunked") > 1:
         raise ProtocolError(400, "chunked applied more than once.")
     if codings != ["chunked"]:

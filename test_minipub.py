@@ -298,6 +298,8 @@ def test_absolute_form_target(serve):
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
     b"GET / HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, deflate\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2;a:bc=123\r\nab\r\n0\r\n\r\n",
 ])
 def test_framing_error_answers_once_and_closes(serve, bad):
     server = serve(hello_app)
@@ -450,6 +452,14 @@ GOOD = [
     (b"GET / HTTP/1.1\r\n" + H + b"X-Empty:\r\nX-Tab:\tv\t\r\nX-Obs: caf\xe9\r\n\r\n", [("GET", "/", b"")]),
     (b"GET / HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", [("GET", "/", b""), ("GET", "/2", b"")]),
 ]
+TE = b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), RFC 9112 7.1.1
+GOOD += [(TE + line + b"\r\nab\r\n0\r\n\r\n", [("POST", "/", b"ab")]) for line in (
+    b"2 ;a", b"2\t;\ta", b"2;a;b=c", b"2 ; a = b ; c", b'2;a="b"', b'2;a=""', b'2;a="q\\"d; \xe9"',
+    b"2;!#$%&'*+-.^_`|~=x")]
+# RFC 9110 5.6.1.2: empty list elements are ignored
+GOOD += [(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: " + te + b"\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+          [("POST", "/", b"ab")]) for te in (b",chunked", b"chunked,", b" , ,chunked , ")]
 BAD = [
     # Content-Length is 1*DIGIT and nothing else
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: +5\r\n\r\nhello", 400),
@@ -462,10 +472,14 @@ BAD = [
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5, 5\r\n\r\nhello", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1234567890123456789012\r\n\r\n", 400),
-    # Transfer-Encoding must be exactly chunked
-    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+    # Transfer-Encoding must be exactly chunked; a final coding other than chunked is 400 (RFC 9112 6.3)
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
-    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, identity\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, identity\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, deflate\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: ,\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding:\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chun ked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400),
@@ -479,6 +493,10 @@ BAD = [
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"e" * 2000 + b"\r\nhello\r\n0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", 400),
+    # chunk-ext grammar (RFC 9112 7.1.1): a token name, a token or quoted-string value
+    *[(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n" + line + b"\r\nab\r\n0\r\n\r\n", 400)
+      for line in (b"2;", b"2;=x", b'2;a="b', b"3;x\x84=y", b"1;a:bc=123", b"2 ;", b"2;a=", b"2;a b", b"2;a=b c",
+                   b'2;a="b"c', b'2;a="\x7f"', b"2;a=\x00", b"2;a=\"b\\\x01\"", b"2 ", b"2;;a", b"2;a,b", b"2\x0b;a")],
     # field syntax
     (b"GET / HTTP/1.1\r\n" + H + b"X: a\rb\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n" + H + b"X: a\x00b\r\n\r\n", 400),
