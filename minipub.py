@@ -127,7 +127,9 @@ LIMITS = (
     ("request.upload_spool_size", 1 * MiB, "bytes",
      "an uploaded file stays in memory up to this size, then moves to a temporary file"),
     ("log.screen", True, "flag", "error and access log on stderr"),
-    ("log.access_file", "", "path", "append the access log (Common Log Format) here"),
+    ("log.access_file", "", "path", "append the access log here"),
+    ("log.access_format", "common", "common|combined",
+     "access log lines: Common Log Format, or combined (adds Referer and User-Agent); one format per process"),
     ("log.error_file", "", "path", "append the error log (with tracebacks) here"),
     ("engine.autoreload.on", False, "flag", "restart the app in a new process when its files change"),
     ("engine.autoreload.frequency", 1.0, "seconds", "how often the reloader polls"),
@@ -137,8 +139,10 @@ LIMITS = (
 _UNIT_TYPES = {
     "host": str, "path": str, "flag": bool, "seconds": float, "addresses": tuple, "paths": tuple, "port": int,
     "threads": int, "bytes": int, "fields": int, "bytes/s": int, "connections": int, "requests": int, "parts": int,
+    "common|combined": str,
 }
 _ROWS = {row[0]: row for row in LIMITS}
+_UNIT_RANGES = {"port": (0, 65535), "threads": (1, None)}  # other numbers: 0 and up
 
 
 class ConfigError(ValueError):
@@ -154,8 +158,12 @@ def _convert(key: str, value):
         value = (value,) if isinstance(value, str) else tuple(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ConfigError("config key %r wants %s (%s), got %r" % (key, want.__name__, unit, value))
-    if want in (int, float) and value < 0:
-        raise ConfigError("config key %r must not be negative, got %r" % (key, value))
+    if "|" in unit and value not in unit.split("|"):
+        raise ConfigError("config key %r must be one of %s, got %r" % (key, unit.replace("|", ", "), value))
+    low, high = _UNIT_RANGES.get(unit, (0, None))
+    if want in (int, float) and (value < low or (high is not None and value > high)):
+        wanted = "%d to %d" % (low, high) if high is not None else "at least %d" % low if low else "non-negative"
+        raise ConfigError("config key %r must be %s, got %r" % (key, wanted, value))
     return value
 
 
@@ -1484,7 +1492,7 @@ class _Exchange:
     def __init__(self, server, conn):
         self.server, self.conn, self.head = server, conn, conn.head
         self.status = self.headers = self.length = None
-        self.headers_sent = self.chunked = False
+        self.headers_sent = self.chunked = self.bodiless = False
         self.no_body = self.head.method == "HEAD"
         self.sent, self.close = 0, not self.head.keep_alive
         self.input = _Input(self)
@@ -1566,12 +1574,18 @@ class _Exchange:
             raise ValueError("invalid status line %r" % (status,))
         self.length = _check_headers(headers)
         self.status, self.headers = status, headers
+        code = int(status[:3])
+        # RFC 9110 8.6: "A server MUST NOT send a Content-Length header field in
+        # any response with a status code of 1xx (Informational) or 204 (No
+        # Content)."  A 304 has no content either: none gets framing added.
+        self.bodiless = code in (204, 304) or code < 200
+        self.no_body = self.bodiless or self.head.method == "HEAD"
         return self.write
 
     def send_result(self, result):
         if isinstance(result, (list, tuple)) and all(type(b) is bytes for b in result):
             body = result[0] if len(result) == 1 else b"".join(result)
-            if not self.headers_sent and self.length is None:
+            if not self.headers_sent and self.length is None and not self.bodiless:
                 self.length = len(body)
                 self.headers = self.headers + [("Content-Length", str(self.length))]
             self.write(body)
@@ -1608,7 +1622,7 @@ class _Exchange:
 
     def write_end(self):
         if not self.headers_sent:
-            if self.length is None:
+            if self.length is None and not self.bodiless:
                 self.length = 0
                 self.headers = self.headers + [("Content-Length", "0")]
             self.send_head(b"")
@@ -1620,9 +1634,6 @@ class _Exchange:
     def send_head(self, first: bytes):
         if self.status is None:
             raise AssertionError("write() before start_response()")
-        code = int(self.status[:3])
-        if code in (204, 304) or code < 200:
-            self.no_body = True
         lines = ["HTTP/1.1 ", self.status, "\r\n"]
         for name, value in self.headers:
             lines += (name, ": ", value, "\r\n")
@@ -1661,10 +1672,20 @@ class _Exchange:
             self.close = True
 
     def log(self, environ):
+        """A Common Log Format line; the "combined" formatter appends Referer and User-Agent."""
         self.server._access('%s - %s [%s] "%s %s %s" %s %s' % (
-            environ["REMOTE_ADDR"] or "-", environ.get("REMOTE_USER") or "-",
-            time.strftime("%d/%b/%Y:%H:%M:%S %z"), self.head.method, self.head.target, self.head.version,
-            (self.status or "000")[:3], self.sent or "-"))
+            environ["REMOTE_ADDR"] or "-", _log_quoted(environ.get("REMOTE_USER")) or "-",
+            time.strftime("%d/%b/%Y:%H:%M:%S %z"), self.head.method, _log_quoted(self.head.target),
+            self.head.version, (self.status or "000")[:3], self.sent or "-"),
+            extra={"referer": _log_quoted(environ.get("HTTP_REFERER")) or "-",
+                   "user_agent": _log_quoted(environ.get("HTTP_USER_AGENT")) or "-"})
+
+
+def _log_quoted(text: str) -> str:
+    """``text`` safe inside a quoted log field: '"' and '\\' escaped, non-ASCII as \\xhh."""
+    if not text:
+        return text
+    return text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _check_headers(headers) -> int:
@@ -3308,7 +3329,10 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
 def configure_logging(config: dict) -> None:
     """Error and access logs from the log.* keys (loggers minipub.error, minipub.access)."""
     import logging
-    formats = {"error": "[%(asctime)s] %(levelname)s %(message)s", "access": "%(message)s"}
+    # The format belongs to the process-wide logger, not to one Server, so
+    # every Server in the process writes the same kind of access line.
+    access = {"common": "%(message)s", "combined": '%(message)s "%(referer)s" "%(user_agent)s"'}
+    formats = {"error": "[%(asctime)s] %(levelname)s %(message)s", "access": access[config["log.access_format"]]}
     for name, file_key in (("error", "log.error_file"), ("access", "log.access_file")):
         logger = logging.getLogger("minipub." + name)
         for handler in [h for h in logger.handlers if getattr(h, "_minipub", False)]:

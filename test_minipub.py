@@ -178,6 +178,24 @@ def test_config_defaults_and_types():
         minipub.Server(hello_app, "127.0.0.1", 0, no_such_option=1)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("server.socket_port", 65536), ("server.socket_port", 70000), ("server.socket_port", 99999),
+    ("server.socket_port", -1), ("server.thread_pool", 0), ("log.access_format", "fancy"),
+])
+def test_config_out_of_range_values_are_refused(key, value):
+    with pytest.raises(minipub.ConfigError, match=re.escape(key)):
+        minipub.make_config({key: value})
+    with pytest.raises(minipub.ConfigError):
+        minipub.Server(hello_app, config={key: value}) if key != "server.socket_port" else \
+            minipub.Server(hello_app, "127.0.0.1", value)
+
+
+def test_config_range_ends_are_accepted():
+    for key, value in [("server.socket_port", 0), ("server.socket_port", 65535), ("server.thread_pool", 1),
+                       ("log.access_format", "combined")]:
+        assert minipub.make_config({key: value})[key] == value
+
+
 def test_config_ini_file(tmp_path):
     ini = tmp_path / "site.ini"
     ini.write_text("[global]\nserver.socket_port = 9090\nlog.screen = False\n"
@@ -600,6 +618,63 @@ def test_any_wsgi_app_with_write_callable(serve):
     server = serve(app)
     status, headers, body = responses(exchange(server.port, b"GET / HTTP/1.0\r\n\r\n"))[0]
     assert (status, body, headers["content-length"]) == (201, b"abcdef", "6")
+
+
+@pytest.mark.parametrize("status", ["204 No Content", "304 Not Modified", "101 Switching Protocols"])
+@pytest.mark.parametrize("body", [[], [b""], iter([b"", b""])])
+def test_no_framing_fields_added_to_bodiless_statuses(serve, status, body):
+    # RFC 9110 8.6: no Content-Length on 1xx and 204; a 304 has no content either
+    def app(environ, start_response):
+        start_response(status, [("ETag", '"x"')])
+        return body
+    server = serve(app)
+    raw = exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.0\r\nConnection: close\r\n\r\n")
+    heads = raw.split(b"\r\n\r\n")
+    assert len(heads) == 3 and heads[2] == b""  # two heads, no body bytes: the first kept the connection
+    for head in heads[:2]:
+        assert head.startswith(b"HTTP/1.1 " + status.encode()) and b'ETag: "x"' in head
+        assert b"Content-Length" not in head and b"Transfer-Encoding" not in head
+
+
+def test_head_and_empty_200_still_get_content_length(serve):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"abc" if environ["PATH_INFO"] == "/abc" else b""]
+    server = serve(app)
+    got = responses(exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                             b"GET /abc HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    assert [(s, h["content-length"], b) for s, h, b in got] == [(200, "0", b""), (200, "3", b"abc")]
+    raw = exchange(server.port, b"HEAD /abc HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert b"Content-Length: 3\r\n" in raw and raw.endswith(b"\r\n\r\n")
+
+
+@pytest.fixture
+def restore_logging():
+    """configure_logging() changes process-wide loggers: put them back after the test."""
+    loggers = [logging.getLogger("minipub." + name) for name in ("error", "access")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        for handler in lg.handlers[:]:
+            lg.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+
+
+@pytest.mark.parametrize("fmt", ["common", "combined"])
+def test_access_log_format_is_the_same_for_every_server(serve, tmp_path, restore_logging, fmt):
+    log = tmp_path / "access.log"
+    minipub.configure_logging(minipub.make_config({"log.screen": False, "log.access_file": str(log),
+                                                   "log.access_format": fmt}))
+    ports = [serve(hello_app).port, serve(hello_app, config={"log.access_format": "common"}).port]
+    for port in ports:
+        exchange(port, b'GET /a"b HTTP/1.1\r\nHost: a\r\nReferer: http://r/\r\n'
+                       b'User-Agent: ag"ent \xe9\r\nConnection: close\r\n\r\n')
+    assert wait_until(lambda: log.read_text().count("\n") == 2)
+    for line in log.read_text().splitlines():
+        assert re.fullmatch(r'127\.0\.0\.1 - - \[[^]]+\] "GET /a\\"b HTTP/1\.1" 200 6' +
+                            (r' "http://r/" "ag\\"ent \\xe9"' if fmt == "combined" else ""), line), line
 
 
 @pytest.mark.parametrize("status,headers", [
