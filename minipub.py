@@ -2842,11 +2842,18 @@ class Part:
         self.size += len(data)
 
     def save(self, path: str) -> None:
-        """Store the content at ``path``: a rename when the temporary file is on that filesystem."""
+        """Store the content at ``path``, with the mode ``open(path, "wb")`` would give it (the
+        umask applies): a rename when the temporary file is on that filesystem."""
         import shutil
         if self._temp is not None:
             self.file.flush()
+            # mkstemp's 0600 is right in a shared temporary directory, not at
+            # ``path``: take the mode open() gives there (reading the umask
+            # means setting it, which would race other threads).
+            with open(path, "ab") as probe:
+                mode = os.fstat(probe.fileno()).st_mode & 0o7777
             try:
+                os.chmod(self._temp, mode)
                 os.replace(self._temp, path)
                 self._temp = None  # it is the caller's file now
                 return
@@ -2855,7 +2862,7 @@ class Part:
                 if exc.errno != errno.EXDEV:
                     raise
         self.file.seek(0)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        with open(path, "wb") as out:
             shutil.copyfileobj(self.file, out, _BLOCK)
         self.file.seek(0)
 

@@ -2220,6 +2220,30 @@ def test_upload_save_renames_and_temp_files_go(serve, tmp_path, tmpdir_uploads):
     assert os.listdir(tmpdir_uploads) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_part_save_creates_files_as_open_would(tmp_path, tmpdir_uploads, umask):
+    parts = {}
+    for name, size in (("spooled", 5000), ("memory", 10)):  # a rename and a copy
+        parts[name] = minipub.Part("f", "x", "text/plain", spool_size=1000)
+        parts[name]._write(b"d" * size)
+    assert parts["spooled"]._temp and not parts["memory"]._temp
+    (tmp_path / "old").write_bytes(b"old")
+    os.chmod(tmp_path / "old", 0o600)
+    old_umask = os.umask(umask)
+    try:
+        for name, part in parts.items():
+            part.save(str(tmp_path / name))
+            assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+        parts["memory"].save(str(tmp_path / "old"))  # an existing file keeps its mode, as with open()
+    finally:
+        os.umask(old_umask)
+    assert os.stat(tmp_path / "old").st_mode & 0o777 == 0o600 and (tmp_path / "old").read_bytes() == b"d" * 10
+    assert (tmp_path / "spooled").read_bytes() == b"d" * 5000
+    for part in parts.values():
+        part.close()
+    assert os.listdir(tmpdir_uploads) == []
+
+
 def test_part_safe_filename():
     cases = {"../../etc/passwd": "passwd", "C:\\Users\\me\\cv.pdf": "cv.pdf", "..": "", "a/": "",
              "ok name.txt": "ok name.txt", "C:evil.txt": "C_evil.txt", "nul\x00x.txt": "nul_x.txt",
