@@ -183,8 +183,14 @@ def load_config(path: str) -> dict:
     import configparser
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # keys are case-sensitive, like CherryPy's
-    if not parser.read(path, encoding="utf-8"):
-        raise ConfigError("cannot read config file %r" % (path,))
+    try:
+        if not parser.read(path, encoding="utf-8"):
+            raise ConfigError("cannot read config file %r" % (path,))
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError("%s, line %d: no section header; put the settings under [global]"
+                          % (path, exc.lineno)) from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError("%s: %s" % (path, str(exc).splitlines()[0])) from None
     unknown = [s for s in parser.sections() if s != "global"]
     if unknown:
         raise ConfigError("%s: unknown section [%s]; use [global]" % (path, unknown[0]))
@@ -3292,23 +3298,12 @@ def _reload_child() -> int:
     return 0
 
 
-def _user_line(exc: BaseException) -> str:
-    """_where() naming the innermost line of the app's own code, not of a library."""
-    import traceback
-    mine = os.path.abspath(__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if _source_files([f.filename]) not in ([], [mine])]
-    if isinstance(exc, SyntaxError) or not frames:
-        return _where(exc)
-    return "%s: %s (%s, line %s)" % (type(exc).__name__, exc, frames[-1].filename, frames[-1].lineno)
-
-
 def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
     cause = exc.__context__ if isinstance(exc, _TargetError) and exc.__context__ else exc
     if isinstance(exc, SystemExit):
         error = "the program exited (status %s) before serving" % (exc.code,)
     else:
-        error = str(exc) if isinstance(exc, _TargetError) else _user_line(exc)
+        error = str(exc) if isinstance(exc, _TargetError) else _where(exc)
     _CHILD["error"], _CHILD["files"] = error, _module_files() + _error_files(cause)
     if not fallback:
         _child_ready(False)
@@ -3328,9 +3323,11 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
 
 # ===========================================================================
 # Command line, logging and quickstart
-# Contract: ``python minipub.py MODULE:ATTR`` imports the target from the
-# current directory and serves it; bad input gets one line on stderr and
-# exit status 2.  Options come from LIMITS.
+# Contract: ``python minipub.py MODULE:ATTR`` (or the installed ``minipub``)
+# imports the target from the current directory and serves it; every mistake
+# found before serving (a usage error, a bad setting or INI file, a target
+# that cannot be imported, made or served) gets one line on stderr, plus a
+# pointer to --help for usage errors, and exit status 2.  Options come from LIMITS.
 # ===========================================================================
 
 def configure_logging(config: dict) -> None:
@@ -3347,7 +3344,10 @@ def configure_logging(config: dict) -> None:
             handler.close()
         handlers = [logging.StreamHandler(sys.stderr)] if config["log.screen"] else []
         if config[file_key]:
-            handlers.append(logging.FileHandler(config[file_key], encoding="utf-8"))
+            try:
+                handlers.append(logging.FileHandler(config[file_key], encoding="utf-8"))
+            except OSError as exc:  # else main() would report it as a port it cannot listen on
+                raise ConfigError("cannot open %s %r: %s" % (file_key, config[file_key], exc.strerror or exc)) from None
         for handler in handlers:
             handler._minipub = True
             handler.setFormatter(logging.Formatter(formats[name]))
@@ -3373,8 +3373,9 @@ def serve(app, config: dict, sock=None) -> None:
     server._prepare()
     if _CHILD is not None:
         _child_ready()
-    for url in server.urls:
-        _logger().info("minipub %s serving on %s", __version__, url)
+    urls = server.urls
+    for i, url in enumerate(urls, 1):
+        _logger().info("minipub %s serving on %s%s", __version__, url, "; Ctrl-C to quit" if i == len(urls) else "")
     server.serve_forever()
     _logger().info("minipub stopped")
 
@@ -3389,33 +3390,100 @@ def load_target(spec: str, config: dict):
     module_name, colon, attr = spec.partition(":")
     if not colon or not module_name or not attr:
         raise _TargetError("target %r is not MODULE:ATTR (e.g. app:Root)" % spec)
+    if module_name.endswith(".py"):
+        raise _TargetError("target %r names a file: drop the .py (%s:%s)" % (spec, module_name[:-3], attr))
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        obj = importlib.import_module(module_name)
+        obj = module = importlib.import_module(module_name)
     except Exception as exc:  # any failure at import: one clear line, not a traceback wall
         raise _TargetError("cannot import %s: %s" % (module_name, _where(exc))) from None
+    _check_not_shadowed(module_name, module)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise _TargetError("%s has no attribute %r" % (module_name, attr)) from None
+            raise _TargetError("%s (%s) has no attribute %r" % (
+                module_name, getattr(module, "__file__", None) or "built in", attr)) from None
     if isinstance(obj, type):
-        obj = obj()
-    if isinstance(obj, Application) or (callable(obj) and not hasattr(obj, "index")
-                                        and not hasattr(obj, "default") and not _exposed(obj)):
+        obj = _instantiate(obj, module_name)
+    if isinstance(obj, Application) or _is_wsgi(obj):
         return obj
+    if not _has_handler(obj):
+        raise _TargetError("%s has no exposed handler and is not a WSGI callable(environ, start_response): "
+                           "mark its methods with @minipub.expose" % spec)
     return Application(obj, config)
 
 
+def _check_not_shadowed(name: str, module) -> None:
+    """A module of the standard library (or another installed one) imported instead of the app's file."""
+    top = name.partition(".")[0]
+    local = [p for p in (top + ".py", top) if os.path.exists(os.path.join(os.getcwd(), p))]
+    found = sys.modules.get(top)
+    imported = getattr(found, "__file__", None) or next(iter(getattr(found, "__path__", ())), None)  # namespace pkg
+    if local and (imported is None or not os.path.abspath(imported).startswith(os.path.join(os.getcwd(), ""))):
+        raise _TargetError("'import %s' loads %s, not your ./%s: that module shadows your app; rename your file"
+                           % (top, imported or "the built-in module", local[0]))
+
+
+def _instantiate(cls, module_name: str):
+    """A root class made into its instance; one line if that cannot be done without arguments."""
+    import inspect
+    try:
+        inspect.signature(cls).bind()
+    except TypeError as exc:
+        raise _TargetError("%s:%s cannot be created without arguments (%s): serve an instance instead, e.g. "
+                           "root = %s(...) in %s and the target %s:root" % (
+                               module_name, cls.__name__, exc, cls.__name__, module_name, module_name)) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): just try
+    try:
+        return cls()
+    except Exception as exc:
+        raise _TargetError("%s() failed: %s" % (cls.__name__, _where(exc))) from None
+
+
+def _is_wsgi(obj) -> bool:
+    """A callable that is not an object tree and takes (environ, start_response)."""
+    if not callable(obj) or hasattr(obj, "index") or hasattr(obj, "default") or _exposed(obj):
+        return False
+    import inspect
+    try:
+        inspect.signature(obj).bind({}, None)
+    except TypeError:
+        return False
+    except ValueError:
+        pass  # no signature to read (a builtin or C extension): trust it
+    return True
+
+
+def _has_handler(root) -> bool:
+    """Whether anything under ``root`` is exposed; a startup check bounded to 1000 objects.
+
+    Attributes are read with getattr_static, so no property runs."""
+    import inspect
+    todo, seen = [root], set()
+    while todo and len(seen) < 1000:
+        node = todo.pop()
+        if _exposed(node) or hasattr(node, "_minipub_resolve"):
+            return True
+        if id(node) in seen or isinstance(node, type(os)) or not hasattr(node, "__dict__"):
+            continue  # visited, a module, or a plain value (int, str, ...)
+        seen.add(id(node))
+        todo.extend(inspect.getattr_static(node, name, None) for name in dir(node) if not name.startswith("_"))
+    return False
+
+
 def _where(exc: BaseException) -> str:
-    """'ZeroDivisionError: division by zero (app.py, line 3)'."""
-    text = "%s: %s" % (type(exc).__name__, exc)
+    """'ZeroDivisionError: division by zero (app.py, line 3)': the innermost line of the
+    application's own code, never of minipub, the standard library or an installed package."""
     if isinstance(exc, SyntaxError):
         return "%s: %s (%s, line %s)" % (type(exc).__name__, exc.msg, exc.filename, exc.lineno)
     import traceback
-    frames = traceback.extract_tb(exc.__traceback__)
-    frames = [f for f in frames if "importlib" not in f.filename] or frames
+    mine = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if _source_files([f.filename]) not in ([], [mine])]
+    text = "%s: %s" % (type(exc).__name__, exc)
     if frames:
         text += " (%s, line %s)" % (frames[-1].filename, frames[-1].lineno)
     return text
@@ -3435,30 +3503,59 @@ def _cli_value(key: str, text: str):
         raise ConfigError("--%s wants a %s, not %r" % (key, _ROWS[key][2], text)) from None
 
 
+_CLI_ALIASES = {"host": "server.socket_host", "port": "server.socket_port", "threads": "server.thread_pool",
+                "certfile": "server.ssl_certificate", "keyfile": "server.ssl_private_key"}
+
+
+class _UsageError(Exception):
+    """A command-line mistake found by argparse; main() prints it in one line."""
+
+
+def _prog() -> str:
+    """The installed command (and ``python -m minipub``) is minipub; a copied file runs by its path."""
+    return "python %s" % os.path.basename(__file__) if __name__ == "__main__" and __spec__ is None else "minipub"
+
+
 def _arg_parser():
     import argparse
     parser = argparse.ArgumentParser(
-        prog="python %s" % os.path.basename(__file__),
+        prog=_prog(), usage="%(prog)s [--help] [--version] [options] MODULE:ATTR", allow_abbrev=False,
         description="Serve MODULE:ATTR (a class, an instance or a WSGI callable) over HTTP/1.1.")
-    parser.add_argument("target", help="what to serve, e.g. app:Root (imported from the current directory)")
-    parser.add_argument("--host", help="alias of --server.socket_host")
-    parser.add_argument("--port", type=int, help="alias of --server.socket_port")
-    parser.add_argument("--threads", type=int, help="alias of --server.thread_pool")
+
+    def error(message):  # instead of argparse's usage dump and exit
+        raise _UsageError(message)
+    parser.error = error
+    parser.add_argument("target", metavar="MODULE:ATTR",
+                        help="what to serve, e.g. app:Root (imported from the current directory)")
+    parser.add_argument("--version", action="version", version="minipub %s" % __version__)
+    for alias, key in _CLI_ALIASES.items():
+        parser.add_argument("--" + alias, type=int if alias in ("port", "threads") else str,
+                            help="alias of --%s" % key)
     parser.add_argument("--config", help="INI file with a [global] section of Python literals")
     parser.add_argument("--reload", action="store_true", help="alias of --engine.autoreload.on true")
-    parser.add_argument("--certfile", help="alias of --server.ssl_certificate")
-    parser.add_argument("--keyfile", help="alias of --server.ssl_private_key")
     table = parser.add_argument_group("settings (the LIMITS table: key, default, why)")
     for key, default, unit, why in LIMITS:
         table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %r]" % (why, default))
     return parser
 
 
+def _parse_args(parser, argv):
+    """argparse's namespace; _UsageError naming the first unknown option and its likely spelling."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        name = extra[0].partition("=")[0]
+        if not name.startswith("-"):
+            raise _UsageError("unexpected argument %r" % name)
+        import difflib
+        known = ["--" + o for o in (*_CLI_ALIASES, "config", "reload", "version", "help", *_ROWS)]
+        close = difflib.get_close_matches(name, known, n=1)
+        raise _UsageError("unknown option %s%s" % (name, "; did you mean %s?" % close[0] if close else ""))
+    return args
+
+
 def _cli_config(args) -> dict:
     values = load_config(args.config) if args.config else make_config()
-    aliases = {"host": "server.socket_host", "port": "server.socket_port", "threads": "server.thread_pool",
-               "certfile": "server.ssl_certificate", "keyfile": "server.ssl_private_key"}
-    for alias, key in aliases.items():
+    for alias, key in _CLI_ALIASES.items():
         if getattr(args, alias) is not None:
             values[key] = _convert(key, getattr(args, alias))
     for key in _ROWS:
@@ -3481,7 +3578,12 @@ def _check_certificates(config):
 
 def main(argv=None) -> int:
     """The command line; returns the exit status."""
-    args = _arg_parser().parse_args(argv)
+    parser = _arg_parser()
+    try:
+        args = _parse_args(parser, argv)
+    except _UsageError as exc:
+        print("minipub: error: %s\nrun '%s --help' for the options" % (exc, parser.prog), file=sys.stderr)
+        return 2
     try:
         config = _cli_config(args)
         configure_logging(config)

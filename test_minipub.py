@@ -2396,7 +2396,7 @@ def test_reloader_failure_names_the_apps_line_not_the_librarys(tmp_path):
     app.write_text("import json\n\nCONFIG = json.loads('{not json')\n")
     with pytest.raises(ValueError) as info:
         exec(compile(app.read_text(), str(app), "exec"), {})
-    text = minipub._user_line(info.value)
+    text = minipub._where(info.value)
     assert text.startswith("JSONDecodeError: ") and text.endswith("(%s, line 3)" % app)
 
 
@@ -2597,6 +2597,9 @@ def wait_for_port(port, proc=None, timeout=10.0):
     raise AssertionError("port %d never opened" % port)
 
 
+APP = "import minipub\nclass Root:\n    @minipub.expose\n    def index(self):\n        return 'hi'\n"
+
+
 def run_cli(args, cwd, timeout=20):
     return subprocess.run([sys.executable, os.path.join(HERE, "minipub.py")] + args, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
@@ -2619,8 +2622,73 @@ def test_cli_bad_targets_get_one_line_and_status_2(tmp_path, source, target, mes
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("files,args,message", [
+    ({}, ["app.py:Root"], "target 'app.py:Root' names a file: drop the .py (app:Root)"),
+    ({}, ["app:Root", "--threads", "0"], "'server.thread_pool' must be at least 1, got 0"),
+    ({}, ["app:Root", "--port", "99999"], "'server.socket_port' must be 0 to 65535, got 99999"),
+    ({}, ["app:Root", "--port", "65536"], "'server.socket_port' must be 0 to 65535, got 65536"),
+    ({}, ["app:Root", "--config", "bare.ini"], "bare.ini, line 1: no section header; put the settings under [global]"),
+    ({"lazy.py": "class Root:\n    def index(self):\n        return 'no expose'\n"}, ["lazy:Root"],
+     "lazy:Root has no exposed handler and is not a WSGI callable(environ, start_response)"),
+    ({"lazy.py": "def main():\n    pass\n"}, ["lazy:main"], "lazy:main has no exposed handler"),
+    ({"db.py": APP.replace("class Root:", "class Root:\n    def __init__(self, db):\n        pass")}, ["db:Root"],
+     "db:Root cannot be created without arguments (missing a required argument: 'db')"),
+    ({"boom.py": "class Root:\n    def __init__(self):\n        1 / 0\n"}, ["boom:Root"],
+     "Root() failed: ZeroDivisionError: division by zero (%(dir)s/boom.py, line 3)"),
+    ({"site.py": APP}, ["site:Root"], "'import site' loads %(site)s, not your ./site.py: that module shadows your app"),
+    ({"cfg.py": "import minipub\n\nCONFIG = minipub.make_config({'server.socket_prot': 1})\n"}, ["cfg:Root"],
+     "cannot import cfg: ConfigError: unknown config key 'server.socket_prot' (%(dir)s/cfg.py, line 3)"),
+    ({}, ["nosuchmodule:Root"], "cannot import nosuchmodule: ModuleNotFoundError: No module named 'nosuchmodule'"),
+])
+def test_cli_startup_mistakes_get_one_line_and_status_2(tmp_path, files, args, message):
+    import site
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "bare.ini").write_text("server.socket_port = 1\n")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = run_cli(args + ["--port", "0"] if "--port" not in args else args, str(tmp_path))
+    assert result.returncode == 2, result
+    expected = message % {"dir": tmp_path, "site": site.__file__}
+    assert result.stderr.startswith("minipub: error: ") and result.stderr.count("\n") == 1
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert "minipub.py" not in result.stderr  # never minipub's own line
+
+
+def _cli_wrapper(tmp_path, how):
+    """The command as each way of starting minipub runs it."""
+    if how == "script":
+        return [sys.executable, os.path.join(HERE, "minipub.py")]
+    if how == "module":
+        return [sys.executable, "-m", "minipub"]
+    wrapper = tmp_path / "minipub"  # what pip's console-script wrapper does
+    wrapper.write_text("import sys\nfrom minipub import main\nsys.exit(main())\n")
+    return [sys.executable, str(wrapper)]
+
+
+@pytest.mark.parametrize("how,prog", [("script", "python minipub.py"), ("module", "minipub"), ("command", "minipub")])
+def test_cli_names_itself_and_mistyped_options_get_one_line(tmp_path, how, prog):
+    env = dict(os.environ, PYTHONPATH=HERE)
+    run = [*_cli_wrapper(tmp_path, how)]
+
+    def cli(*args):
+        return subprocess.run(run + list(args), cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                              timeout=20)
+    result = cli("--version")
+    assert (result.returncode, result.stdout) == (0, "minipub %s\n" % minipub.__version__)
+    hint = "run '%s --help' for the options\n" % prog
+    result = cli("--prot", "8000", "app:Root")
+    assert (result.returncode, result.stderr) == (2, "minipub: error: unknown option --prot; did you mean --port?\n"
+                                                  + hint)
+    result = cli("app:Root", "--server.socket_prot=1")
+    assert result.stderr == ("minipub: error: unknown option --server.socket_prot; did you mean --server.socket_port?\n"
+                             + hint)
+    assert cli("app:Root", "--po", "1").stderr.startswith("minipub: error: unknown option --po")  # no abbreviations
+    assert cli().stderr == "minipub: error: the following arguments are required: MODULE:ATTR\n" + hint
+    assert cli("--help").stdout.startswith("usage: %s [--help] [--version] [options] MODULE:ATTR\n" % prog)
+
+
 def test_cli_config_errors(tmp_path):
-    (tmp_path / "app.py").write_text("class Root: pass\n")
+    (tmp_path / "app.py").write_text(APP)
     (tmp_path / "bad.ini").write_text("[global]\nserver.socket_prot = 1\n")
     result = run_cli(["app:Root", "--config", "bad.ini"], str(tmp_path))
     assert result.returncode == 2 and "server.socket_prot" in result.stderr
@@ -2629,13 +2697,13 @@ def test_cli_config_errors(tmp_path):
 
 
 def test_cli_missing_certificate_is_one_line(tmp_path):
-    (tmp_path / "app.py").write_text("class Root: pass\n")
+    (tmp_path / "app.py").write_text(APP)
     result = run_cli(["app:Root", "--port", "0", "--certfile", "missing.pem"], str(tmp_path))
     assert result.returncode == 2 and "TLS certificate" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_port_in_use(tmp_path):
-    (tmp_path / "app.py").write_text("class Root: pass\n")
+    (tmp_path / "app.py").write_text(APP)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -2662,7 +2730,7 @@ def test_cli_serves_app_that_imports_minipub_and_stops_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
-    assert "serving on http://127.0.0.1:%d/" % port in err and '"GET /?who=you HTTP/1.1" 200' in err
+    assert "serving on http://127.0.0.1:%d/; Ctrl-C to quit\n" % port in err and '"GET /?who=you HTTP/1.1" 200' in err
 
 
 def test_cli_serves_a_plain_wsgi_callable(tmp_path):
