@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 from collections import deque
-from functools import cached_property  # functools is loaded by re anyway
+from functools import cached_property, partialmethod  # functools is loaded by re anyway
 
 __version__ = "0.1.0"
 __all__ = [
@@ -60,7 +60,7 @@ __all__ = [
     "NotFound", "ProtocolError", "ConfigError", "RequestParser", "RequestHead", "LIMITS", "make_config",
     "load_config", "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
     "StaticDir", "serve_file", "Part", "Request", "Response", "HeaderDict", "FileWrapper", "NEED_DATA",
-    "END_OF_MESSAGE",
+    "END_OF_MESSAGE", "TestClient",
 ]
 
 # Heavy modules (ssl, json, inspect, logging, email, tempfile, urllib.parse,
@@ -3032,6 +3032,212 @@ class _ClosingBody:
 
 
 # ===========================================================================
+# Test client
+# Contract: TestClient calls an application in-process, with no socket: each
+# request becomes a PEP 3333 environ handed to the application through
+# wsgiref.validate, so a test also checks that the application speaks valid
+# WSGI.  The answer comes back whole as a TestResponse.  Cookies the
+# application sets are sent back on later requests (by name only: Path and
+# Domain are not matched); redirects to the same host are followed when asked.
+# ===========================================================================
+
+class TestResponse:
+    """``status`` (int), ``headers`` (case-insensitive; a repeated field's values joined
+    with ", "), ``fields`` (every field as sent), ``body`` (bytes), ``text`` and ``json()``."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, status: str, fields: list, body: bytes, url: str):
+        self.status, self.reason, self.fields, self.body, self.url = int(status[:3]), status[4:], fields, body, url
+        self.headers = HeaderDict()
+        for name, value in fields:
+            self.headers[name] = self.headers[name] + ", " + value if name in self.headers else value
+
+    @property
+    def text(self) -> str:
+        """The body decoded with the Content-Type's charset (UTF-8 if none is given)."""
+        charset = re.search(r';\s*charset="?([A-Za-z0-9._:-]+)', self.headers.get("Content-Type", ""), re.I)
+        return self.body.decode(charset.group(1) if charset else "utf-8", "replace")
+
+    def json(self):
+        import json
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return "<TestResponse %d %s>" % (self.status, self.reason)
+
+
+class TestClient:
+    """Requests to an application without a server: ``TestClient(Root()).get("/").text``.
+
+    ``app_or_root`` is a WSGI callable, or an object tree (a root class is
+    instantiated) served by ``Application(root, config)``."""
+
+    __test__ = False
+
+    def __init__(self, app_or_root, config=None, *, follow_redirects: bool = False):
+        app = app_or_root
+        if not (isinstance(app, Application) or _is_wsgi(app)):
+            app = Application(app() if isinstance(app, type) else app, config)
+        self.app, self.follow_redirects, self.cookies = app, follow_redirects, {}
+
+    def request(self, method: str, path: str, *, params=None, data=None, json=None, headers=None, files=None,
+                follow_redirects: bool = None) -> TestResponse:
+        """``params`` extend the query string; the body is ``data`` (a dict or pairs: a form;
+        bytes or str: as is), ``json``, or ``files`` ({name: (filename, content[, type])}
+        or file objects, with ``data`` as the other fields) sent as multipart/form-data."""
+        from urllib.parse import urlencode, urlsplit
+        body, content_type = _request_body(data, json, files)
+        headers = list(headers.items() if isinstance(headers, dict) else headers or ())
+        if content_type and not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", content_type))
+        if params:
+            path += ("&" if "?" in path else "?") + urlencode(params, doseq=True)
+        response = self.send(method, path, headers, body)
+        follow = self.follow_redirects if follow_redirects is None else follow_redirects
+        host = dict((n.lower(), v) for n, v in headers).get("host", "localhost")
+        for _ in range(10 if follow else 0):
+            url = urlsplit(response.headers.get("Location", ""))
+            if response.status not in (301, 302, 303, 307, 308) or not url.path or url.netloc not in ("", host):
+                return response
+            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                # RFC 9110 15.4.4: a 303 is followed with GET (or HEAD); browsers do the same for a POST's 301/302
+                method, body = "HEAD" if method == "HEAD" else "GET", b""
+                headers = [(n, v) for n, v in headers if n.lower() not in ("content-type", "content-length")]
+            response = self.send(method, url.path + ("?" + url.query if url.query else ""), headers, body)
+        if follow and response.status in (301, 302, 303, 307, 308):
+            raise RuntimeError("more than 10 redirects, the last to %s" % response.headers.get("Location"))
+        return response
+
+    get = partialmethod(request, "GET")
+    head = partialmethod(request, "HEAD")
+    post = partialmethod(request, "POST")
+    put = partialmethod(request, "PUT")
+    patch = partialmethod(request, "PATCH")
+    delete = partialmethod(request, "DELETE")
+    options = partialmethod(request, "OPTIONS")
+
+    def send(self, method: str, target: str, headers=(), body: bytes = b"") -> TestResponse:
+        """The core: one request as given (``headers`` are (name, value) pairs), no redirects followed."""
+        import io
+        from urllib.parse import quote
+        from wsgiref.validate import validator
+        target = quote(target, safe="".join(map(chr, range(0x21, 0x7f))))  # what a client puts on the wire
+        path, _, query = target.partition("?")
+        environ = {
+            "REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": _unquote(path), "QUERY_STRING": query,
+            "REQUEST_URI": target, "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "localhost",
+            "SERVER_PORT": "80", "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "50000", "HTTP_HOST": "localhost",
+            "CONTENT_LENGTH": str(len(body)), "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
+            "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,
+        }
+        fields = list(headers)
+        if self.cookies:
+            fields.append(("Cookie", "; ".join("%s=%s" % cookie for cookie in self.cookies.items())))
+        for name, value in fields:
+            key = _env_key(name)
+            if key in environ and key.startswith("HTTP_") and key != "HTTP_HOST":  # repeated: joined as the server does
+                value = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + value
+            environ[key] = value
+        started, chunks = [], []
+
+        def start_response(status, fields, exc_info=None):
+            started[:] = status, fields
+            return chunks.append
+        result = validator(self.app)(environ, start_response)
+        try:
+            chunks.extend(result)
+        finally:
+            result.close()
+        status, fields = started
+        self._keep_cookies(fields)
+        bodiless = method == "HEAD" or status[:3] in ("204", "304") or status[0] == "1"
+        return TestResponse(status, fields, b"" if bodiless else b"".join(chunks), target)
+
+    def _keep_cookies(self, fields) -> None:
+        for name, value in fields:
+            if name.lower() != "set-cookie":
+                continue
+            pair, *attributes = value.split(";")
+            cookie, _, cookie_value = pair.strip(" \t").partition("=")
+            attrs = {k.strip(" \t").lower(): v.strip(" \t") for k, _, v in (a.partition("=") for a in attributes)}
+            if attrs.get("max-age", "1").lstrip("-").isdigit() and int(attrs.get("max-age", "1")) <= 0:
+                self.cookies.pop(cookie, None)
+            elif "max-age" not in attrs and _expired(attrs.get("expires")):
+                self.cookies.pop(cookie, None)
+            else:
+                self.cookies[cookie] = cookie_value
+
+
+def _is_wsgi(obj) -> bool:
+    """A callable that is not an object tree and takes (environ, start_response)."""
+    if not callable(obj) or hasattr(obj, "index") or hasattr(obj, "default") or _exposed(obj):
+        return False
+    import inspect
+    try:
+        inspect.signature(obj).bind({}, None)
+    except TypeError:
+        return False
+    except ValueError:
+        pass  # no signature to read (a builtin or C extension): trust it
+    return True
+
+
+def _expired(expires: str) -> bool:
+    if not expires:
+        return False
+    from email.utils import parsedate_to_datetime
+    try:
+        return parsedate_to_datetime(expires).timestamp() <= time.time()
+    except (TypeError, ValueError):
+        return False  # unreadable: keep the cookie, as browsers do
+
+
+def _request_body(data, json_value, files) -> tuple:
+    """(body bytes, Content-Type or None) for TestClient.request."""
+    if json_value is not None:
+        import json
+        return json.dumps(json_value).encode("utf-8"), "application/json"
+    if files:
+        return _multipart_body(data, files)
+    if isinstance(data, (dict, list, tuple)):
+        from urllib.parse import urlencode
+        return urlencode(data, doseq=True).encode("ascii"), "application/x-www-form-urlencoded"
+    return (data.encode("utf-8") if isinstance(data, str) else data or b""), None
+
+
+def _form_items(fields) -> list:
+    """[(name, value)] from a dict or pairs; a list value gives one item per element."""
+    items = fields.items() if isinstance(fields, dict) else fields or ()
+    return [(name, v) for name, value in items for v in (value if isinstance(value, list) else [value])]
+
+
+def _multipart_body(data, files) -> tuple:
+    boundary = "minipub-" + os.urandom(12).hex()
+
+    def quoted(text):
+        if "\r" in text or "\n" in text:
+            raise ValueError("a form field or file name may not contain CR or LF: %r" % text)
+        return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+    def part(name, content, filename=None, content_type=None):
+        head = "--%s\r\nContent-Disposition: form-data; name=%s" % (boundary, quoted(name))
+        head += "; filename=%s\r\nContent-Type: %s" % (quoted(filename), content_type) if filename is not None else ""
+        content = content.read() if hasattr(content, "read") else content
+        return (head + "\r\n\r\n").encode("utf-8") + (content if isinstance(content, bytes) else str(content).encode("utf-8"))
+    parts = [part(name, value) for name, value in _form_items(data)]
+    for name, spec in _form_items(files):
+        if not isinstance(spec, tuple):  # a file object, or bytes
+            spec = (os.path.basename(getattr(spec, "name", name)), spec)
+        filename, content, content_type = (spec + ("application/octet-stream",))[:3]
+        parts.append(part(name, content, filename, content_type))
+    body = b"\r\n".join(parts) + b"\r\n--%s--\r\n" % boundary.encode("ascii")
+    return body, "multipart/form-data; boundary=" + boundary
+
+
+# ===========================================================================
 # Reloader
 # Contract: with engine.autoreload.on a supervising parent owns the listening
 # socket and runs each generation of the application in a child process.
@@ -3441,20 +3647,6 @@ def _instantiate(cls, module_name: str):
         return cls()
     except Exception as exc:
         raise _TargetError("%s() failed: %s" % (cls.__name__, _where(exc))) from None
-
-
-def _is_wsgi(obj) -> bool:
-    """A callable that is not an object tree and takes (environ, start_response)."""
-    if not callable(obj) or hasattr(obj, "index") or hasattr(obj, "default") or _exposed(obj):
-        return False
-    import inspect
-    try:
-        inspect.signature(obj).bind({}, None)
-    except TypeError:
-        return False
-    except ValueError:
-        pass  # no signature to read (a builtin or C extension): trust it
-    return True
 
 
 def _has_handler(root) -> bool:

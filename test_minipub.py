@@ -2347,6 +2347,152 @@ def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads, 
 
 
 # ===========================================================================
+# Test client
+# ===========================================================================
+
+class ClientRoot:
+    @minipub.expose
+    def index(self, **params):
+        req = minipub.request
+        return {"method": req.method, "params": {k: v if isinstance(v, (str, list)) else repr(v)
+                                                 for k, v in params.items()},
+                "cookies": req.cookies, "agent": req.headers.get("User-Agent"), "path": req.path}
+
+    @minipub.expose
+    def echo(self):
+        minipub.response.headers["X-Seen-Type"] = minipub.request.headers.get("Content-Type", "")
+        return minipub.request.body.read(1 << 20)
+
+    @minipub.expose
+    def login(self, user="bob"):
+        minipub.response.set_cookie("sid", user)
+        raise minipub.HTTPRedirect("/?after=login")
+
+    @minipub.expose
+    def logout(self):
+        minipub.response.delete_cookie("sid")
+        return "bye"
+
+    @minipub.expose
+    def loop(self):
+        raise minipub.HTTPRedirect("/loop", 307)
+
+    @minipub.expose
+    def away(self):
+        raise minipub.HTTPRedirect("http://example.org/", 302)
+
+    @minipub.expose
+    def upload(self, note, **files):
+        return {"note": note, **{name: [p.filename, p.content_type, p.file.read().decode()]
+                                 for name, p in files.items()}}
+
+    @minipub.expose
+    class Item:
+        def GET(self):
+            return "got"
+
+        def PUT(self):
+            return "put " + minipub.request.body.read(100).decode()
+
+        def PATCH(self):
+            return "patched"
+
+        def DELETE(self):
+            minipub.response.status = 202
+            return "deleted"
+
+        def OPTIONS(self):
+            minipub.response.headers["Allow"] = "GET, PUT, PATCH, DELETE, OPTIONS"
+            return ""
+    item = Item()
+
+
+def test_client_every_method_params_json_form_and_headers():
+    client = minipub.TestClient(ClientRoot())
+    got = client.get("/?a=1", params={"b": ["2", "3"], "c": "é"}, headers={"User-Agent": "pytest"})
+    assert (got.status, got.reason, got.headers["CONTENT-TYPE"]) == (200, "OK", "application/json")
+    assert got.json() == {"method": "GET", "params": {"a": "1", "b": ["2", "3"], "c": "é"}, "cookies": {},
+                          "agent": "pytest", "path": "/"}
+    assert client.post("/", data={"x": ["1", "2"], "y": "z"}).json()["params"] == {"x": ["1", "2"], "y": "z"}
+    got = client.post("/echo", json={"k": [1, "ü"]})
+    assert (got.json(), got.headers["x-seen-type"]) == ({"k": [1, "ü"]}, "application/json")
+    got = client.request("POST", "/echo", data="ü", headers=[("Content-Type", "text/plain; charset=utf-8")])
+    assert (got.body, got.headers["X-Seen-Type"]) == ("ü".encode(), "text/plain; charset=utf-8")
+    assert [(r.status, r.text) for r in (client.get("/item"), client.put("/item", data=b"it"),
+                                          client.patch("/item"), client.delete("/item"))] == [
+        (200, "got"), (200, "put it"), (200, "patched"), (202, "deleted")]
+    got = client.options("/item")
+    assert (got.status, got.headers["allow"]) == (200, "GET, PUT, PATCH, DELETE, OPTIONS")
+    got = client.head("/item")
+    assert (got.status, got.body) == (200, b"")
+    assert client.get("/missing").status == 404 and "Not Found" in client.get("/missing").text
+    assert client.post("/item").headers["Allow"].startswith("GET, HEAD")  # 405 with Allow
+
+
+def test_client_cookie_jar_and_redirects():
+    client = minipub.TestClient(ClientRoot())
+    got = client.post("/login", data={"user": "ann"})
+    assert (got.status, got.headers["Location"], client.cookies) == (303, "http://localhost/?after=login",
+                                                                      {"sid": "ann"})
+    got = client.post("/login", data={"user": "joe"}, follow_redirects=True)  # a 303 is followed with GET
+    assert (got.status, got.url) == (200, "/?after=login")
+    assert got.json()["method"] == "GET" and got.json()["cookies"] == {"sid": "joe"}
+    assert [f for f in got.fields if f[0] == "Set-Cookie"] == []
+    assert client.get("/logout").text == "bye" and client.cookies == {}  # Max-Age=0 deletes
+    with pytest.raises(RuntimeError, match="more than 10 redirects"):
+        client.get("/loop", follow_redirects=True)
+    assert client.get("/away", follow_redirects=True).status == 302  # another host: not ours to call
+    following = minipub.TestClient(ClientRoot(), follow_redirects=True)
+    assert following.get("/login").url == "/?after=login" and following.get("/").json()["cookies"] == {"sid": "bob"}
+
+    def expiring(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Set-Cookie", "a=1; Path=/"),
+                                  ("Set-Cookie", "b=2; Expires=Thu, 01 Jan 1970 00:00:00 GMT"),
+                                  ("Set-Cookie", "c=3; Expires=Fri, 01 Jan 2100 00:00:00 GMT")])
+        return [environ.get("HTTP_COOKIE", "").encode()]
+    wsgi = minipub.TestClient(expiring)
+    wsgi.cookies.update(b="old")
+    assert wsgi.get("/").text == "b=old" and wsgi.cookies == {"a": "1", "c": "3"}
+    assert wsgi.get("/", headers={"Cookie": "z=9"}).text == "z=9; a=1; c=3"
+
+
+def test_client_multipart_file_upload(tmp_path):
+    (tmp_path / "report.csv").write_bytes(b"a,b\n1,2\n")
+    client = minipub.TestClient(ClientRoot())
+    with open(tmp_path / "report.csv", "rb") as report:
+        got = client.post("/upload", data={"note": "Été"}, files={
+            "a": ('sp ace "q".txt', "text ü", "text/plain; charset=utf-8"), "b": report, "c": b"\r\n--raw\r\n"})
+    assert got.status == 200, got.text
+    assert got.json() == {"note": "Été", "a": ['sp ace "q".txt', "text/plain; charset=utf-8", "text ü"],
+                          "b": ["report.csv", "application/octet-stream", "a,b\n1,2\n"],
+                          "c": ["c", "application/octet-stream", "\r\n--raw\r\n"]}
+
+
+def test_client_wraps_roots_passes_config_and_validates_wsgi():
+    class Broken:
+        @minipub.expose
+        def index(self):
+            raise ValueError("boom")
+    def echo(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["wsgi.input"].read(10)]
+    assert minipub.TestClient(echo).post("/", data=b"you").body == b"you"  # a WSGI callable is used as it is
+    assert minipub.TestClient(ClientRoot).get("/").status == 200  # a root class is instantiated
+    assert "ValueError: boom" not in minipub.TestClient(Broken()).get("/").text
+    shown = minipub.TestClient(Broken(), {"request.show_tracebacks": True}).get("/")
+    assert shown.status == 500 and "ValueError: boom" in shown.text
+    app = minipub.Application(ClientRoot())
+    assert minipub.TestClient(app).app is app
+
+    def not_wsgi(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return ["text, not bytes"]
+    with pytest.raises(AssertionError):  # wsgiref.validate is on the way
+        minipub.TestClient(not_wsgi).get("/")
+    assert minipub.TestClient.__test__ is False  # `from minipub import TestClient` adds no pytest class
+
+
+# ===========================================================================
 # Reloader
 # ===========================================================================
 
