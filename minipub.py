@@ -18,7 +18,7 @@ PEP 3333 callable, so the same code also runs under gunicorn or uWSGI.
 The file reads in the order a request flows: configuration and limits,
 errors, the server (accept, poll, workers: all socket I/O), the HTTP/1.1
 parser (pure, no I/O), the WSGI bridge, the application and its dispatch,
-tools (auth, static files, uploads), the reloader, and the command line.
+tools (auth, static files, uploads), the test client, the reloader, and the command line.
 """
 # MIT License
 #

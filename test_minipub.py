@@ -2996,8 +2996,17 @@ def example_get(app, path, query=""):
     return status, body
 
 
-def test_faq_index(faq_app):
-    assert example_get(faq_app, "/") == (200, b"minipub FAQ examples")
+def test_faq_index_links_to_every_url_it_demonstrates(faq_app):
+    client = minipub.TestClient(faq_app, follow_redirects=True)
+    page = client.get("/").text
+    assert "<h1>minipub FAQ examples</h1>" in page and 'action="items"' in page
+    links = [html.unescape(href) for href in re.findall(r'href="([^"]*)"', page)]
+    shown = {urlsplit(url).path + ("?" + urlsplit(url).query if urlsplit(url).query else "")
+             for url in re.findall(r"http://127\.0\.0\.1:8080(/[^'\s]*)", faq.__doc__)}
+    assert shown <= {"/" + link for link in links}  # every URL the docstring shows is linked
+    assert client.post("/items", data={"name": "pencil"}).status == 201
+    for link in links:
+        assert client.get("/" + link).status == 200, link
 
 
 def test_faq_extra_path_elements_become_positional_args(faq_app):
