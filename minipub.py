@@ -3048,7 +3048,8 @@ class TestResponse:
     __test__ = False  # not a pytest test class, whatever its name
 
     def __init__(self, status: str, fields: list, body: bytes, url: str):
-        self.status, self.reason, self.fields, self.body, self.url = int(status[:3]), status[4:], fields, body, url
+        self.status, self.reason = int(status[:3]), status[4:]
+        self.fields, self.body, self.url = fields, body, url
         self.headers = HeaderDict()
         for name, value in fields:
             self.headers[name] = self.headers[name] + ", " + value if name in self.headers else value
@@ -3163,9 +3164,12 @@ class TestClient:
             pair, *attributes = value.split(";")
             cookie, _, cookie_value = pair.strip(" \t").partition("=")
             attrs = {k.strip(" \t").lower(): v.strip(" \t") for k, _, v in (a.partition("=") for a in attributes)}
-            if attrs.get("max-age", "1").lstrip("-").isdigit() and int(attrs.get("max-age", "1")) <= 0:
-                self.cookies.pop(cookie, None)
-            elif "max-age" not in attrs and _expired(attrs.get("expires")):
+            max_age = attrs.get("max-age", "")
+            if re.fullmatch(r"-?[0-9]+", max_age):  # RFC 6265 5.3: Max-Age wins over Expires
+                gone = int(max_age) <= 0
+            else:
+                gone = _expired(attrs.get("expires"))
+            if gone:
                 self.cookies.pop(cookie, None)
             else:
                 self.cookies[cookie] = cookie_value
@@ -3226,7 +3230,8 @@ def _multipart_body(data, files) -> tuple:
         head = "--%s\r\nContent-Disposition: form-data; name=%s" % (boundary, quoted(name))
         head += "; filename=%s\r\nContent-Type: %s" % (quoted(filename), content_type) if filename is not None else ""
         content = content.read() if hasattr(content, "read") else content
-        return (head + "\r\n\r\n").encode("utf-8") + (content if isinstance(content, bytes) else str(content).encode("utf-8"))
+        content = content if isinstance(content, bytes) else str(content).encode("utf-8")
+        return (head + "\r\n\r\n").encode("utf-8") + content
     parts = [part(name, value) for name, value in _form_items(data)]
     for name, spec in _form_items(files):
         if not isinstance(spec, tuple):  # a file object, or bytes
@@ -3593,11 +3598,7 @@ class _TargetError(Exception):
 def load_target(spec: str, config: dict):
     """Import MODULE:ATTR from the current directory; a WSGI callable to serve."""
     import importlib
-    module_name, colon, attr = spec.partition(":")
-    if not colon or not module_name or not attr:
-        raise _TargetError("target %r is not MODULE:ATTR (e.g. app:Root)" % spec)
-    if module_name.endswith(".py"):
-        raise _TargetError("target %r names a file: drop the .py (%s:%s)" % (spec, module_name[:-3], attr))
+    module_name, attr = _split_target(spec)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -3619,6 +3620,16 @@ def load_target(spec: str, config: dict):
         raise _TargetError("%s has no exposed handler and is not a WSGI callable(environ, start_response): "
                            "mark its methods with @minipub.expose" % spec)
     return Application(obj, config)
+
+
+def _split_target(spec: str) -> tuple:
+    """(MODULE, ATTR), or the _TargetError a typo in them deserves."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise _TargetError("target %r is not MODULE:ATTR (e.g. app:Root)" % spec)
+    if module_name.endswith(".py"):
+        raise _TargetError("target %r names a file: drop the .py (%s:%s)" % (spec, module_name[:-3], attr))
+    return module_name, attr
 
 
 def _check_not_shadowed(name: str, module) -> None:
@@ -3781,6 +3792,7 @@ def main(argv=None) -> int:
         configure_logging(config)
         reload = config["engine.autoreload.on"]  # then only the children import the app
         app = None if reload else load_target(args.target, config)
+        _split_target(args.target)  # reloading: a typo in the target is still one line here
         _check_certificates(config)
         sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
     except (ConfigError, _TargetError) as exc:
