@@ -18,7 +18,7 @@ PEP 3333 callable, so the same code also runs under gunicorn or uWSGI.
 The file reads in the order a request flows: configuration and limits,
 errors, the server (accept, poll, workers: all socket I/O), the HTTP/1.1
 parser (pure, no I/O), the WSGI bridge, the application and its dispatch,
-tools (auth, static files, uploads), the reloader, and the command line.
+tools (auth, static files, uploads), the test client, the reloader, and the command line.
 """
 # MIT License
 #
@@ -53,7 +53,7 @@ import threading
 import time
 from collections import deque
 import functools  # loaded by re anyway
-from functools import cached_property
+from functools import cached_property, partialmethod
 
 __version__ = "0.1.0"
 __all__ = [
@@ -61,7 +61,7 @@ __all__ = [
     "NotFound", "ProtocolError", "ConfigError", "RequestParser", "RequestHead", "LIMITS", "make_config",
     "load_config", "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
     "StaticDir", "serve_file", "Part", "Request", "Response", "HeaderDict", "FileWrapper", "NEED_DATA",
-    "END_OF_MESSAGE",
+    "END_OF_MESSAGE", "TestClient",
 ]
 
 # Heavy modules (ssl, json, inspect, logging, email, tempfile, urllib.parse,
@@ -128,7 +128,9 @@ LIMITS = (
     ("request.upload_spool_size", 1 * MiB, "bytes",
      "an uploaded file stays in memory up to this size, then moves to a temporary file"),
     ("log.screen", True, "flag", "error and access log on stderr"),
-    ("log.access_file", "", "path", "append the access log (Common Log Format) here"),
+    ("log.access_file", "", "path", "append the access log here"),
+    ("log.access_format", "common", "common|combined",
+     "access log lines: Common Log Format, or combined (adds Referer and User-Agent); one format per process"),
     ("log.error_file", "", "path", "append the error log (with tracebacks) here"),
     ("engine.autoreload.on", False, "flag", "restart the app in a new process when its files change"),
     ("engine.autoreload.frequency", 1.0, "seconds", "how often the reloader polls"),
@@ -138,8 +140,10 @@ LIMITS = (
 _UNIT_TYPES = {
     "host": str, "path": str, "flag": bool, "seconds": float, "addresses": tuple, "paths": tuple, "port": int,
     "threads": int, "bytes": int, "fields": int, "bytes/s": int, "connections": int, "requests": int, "parts": int,
+    "common|combined": str,
 }
 _ROWS = {row[0]: row for row in LIMITS}
+_UNIT_RANGES = {"port": (0, 65535), "threads": (1, None)}  # other numbers: 0 and up
 
 
 class ConfigError(ValueError):
@@ -155,8 +159,12 @@ def _convert(key: str, value):
         value = (value,) if isinstance(value, str) else tuple(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ConfigError("config key %r wants %s (%s), got %r" % (key, want.__name__, unit, value))
-    if want in (int, float) and value < 0:
-        raise ConfigError("config key %r must not be negative, got %r" % (key, value))
+    if "|" in unit and value not in unit.split("|"):
+        raise ConfigError("config key %r must be one of %s, got %r" % (key, unit.replace("|", ", "), value))
+    low, high = _UNIT_RANGES.get(unit, (0, None))
+    if want in (int, float) and (value < low or (high is not None and value > high)):
+        wanted = "%d to %d" % (low, high) if high is not None else "at least %d" % low if low else "non-negative"
+        raise ConfigError("config key %r must be %s, got %r" % (key, wanted, value))
     return value
 
 
@@ -291,8 +299,11 @@ def _read_ini(path: str) -> tuple:
     try:
         if not parser.read(path, encoding="utf-8"):
             raise ConfigError("cannot read config file %r" % (path,))
-    except configparser.Error as exc:  # no section header, a line that is not key = value, ...
-        raise ConfigError("%s: %s" % (path, " ".join(str(exc).split()))) from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError("%s, line %d: no section header; put the settings under [global]"
+                          % (path, exc.lineno)) from None
+    except (configparser.Error, UnicodeDecodeError) as exc:  # a line that is not key = value, ...
+        raise ConfigError("%s: %s" % (path, str(exc).splitlines()[0])) from None
     config = {}
     for section in parser.sections():
         if section != "global" and not section.startswith("/"):
@@ -1125,7 +1136,13 @@ _REQUEST_LINE = _Lazy(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
 # field-value = *field-content ; field-vchar = VCHAR / obs-text, SP and HTAB inside
 _BAD_VALUE = _Lazy(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = _Lazy(rb"[0-9]{1,18}")          # Content-Length = 1*DIGIT, bounded
-_HEXDIGITS = _Lazy(rb"[0-9A-Fa-f]{1,16}")  # chunk-size = 1*HEXDIG, bounded
+# chunk = chunk-size [ chunk-ext ] CRLF ... ; chunk-size = 1*HEXDIG, bounded (RFC 9112 7.1)
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+# chunk-ext-name = token ; chunk-ext-val = token / quoted-string ; BWS = *( SP / HTAB )
+# quoted-string = DQUOTE *( qdtext / quoted-pair ) DQUOTE (RFC 9110 5.6.4)
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_LINE = _Lazy(rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:[%s]+|%s))?)*"
+                    % (_TCHAR, _TCHAR, _QUOTED))
 # Host = uri-host [ ":" port ] ; uri-host = IP-literal / IPv4address / reg-name
 _HOST = _Lazy(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
 _ABSOLUTE = _Lazy(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
@@ -1266,12 +1283,13 @@ class RequestParser:
             return NEED_DATA
         line = bytes(buf[:end])
         del buf[:end + 2]
-        size, _, ext = line.partition(b";")
-        if not _HEXDIGITS.fullmatch(size):
-            raise ProtocolError(400, "Invalid chunk size.")
-        if len(ext) > self.max_ext or _BAD_VALUE.search(ext):
-            raise ProtocolError(400, "Invalid or oversized chunk extension.")
-        self._remaining = int(size, 16)
+        # Extensions are checked, then ignored: "A recipient MUST ignore
+        # unrecognized chunk extensions" (RFC 9112 7.1.1), but not malformed ones.
+        if len(line.partition(b";")[2]) > self.max_ext:
+            raise ProtocolError(400, "Oversized chunk extension.")
+        if not _CHUNK_LINE.fullmatch(line):
+            raise ProtocolError(400, "Invalid chunk size or chunk extension.")
+        self._remaining = int(line.partition(b";")[0], 16)  # int() allows the BWS before ";"
         self._total += self._remaining
         if self.max_body and self._total > self.max_body:
             raise ProtocolError(413, "Request body too large.")
@@ -1382,7 +1400,7 @@ def _target(head):
 
 def _semantics(head):
     """Host, framing (Content-Length / Transfer-Encoding), Connection, Expect."""
-    hosts, lengths, codings = [], [], []
+    hosts, lengths, codings = [], [], None
     for name, value in head.headers:
         lname = name.lower()
         if lname == "host":
@@ -1390,7 +1408,9 @@ def _semantics(head):
         elif lname == "content-length":
             lengths.append(value)
         elif lname == "transfer-encoding":
-            codings.extend(c.strip(" \t").lower() for c in value.split(","))
+            # RFC 9110 5.6.1.2: "a recipient MUST parse and ignore a reasonable
+            # number of empty list elements" (",chunked", "chunked,").
+            codings = (codings or []) + [c.strip(" \t").lower() for c in value.split(",") if c.strip(" \t")]
         elif lname == "connection":
             tokens = {t.strip(" \t").lower() for t in value.split(",")}
             if tokens & {"close", "keep-alive"}:  # close wins
@@ -1400,7 +1420,7 @@ def _semantics(head):
                 raise ProtocolError(417, "Only 'Expect: 100-continue' is supported.")
             head.expect_continue = head.version == "HTTP/1.1"
     _host(head, hosts)
-    if codings:
+    if codings is not None:  # present, even if it lists no coding at all
         _transfer_coding(head, codings, lengths)
     elif lengths:
         _content_length(head, lengths)
@@ -1428,6 +1448,12 @@ def _transfer_coding(head, codings, lengths):
         raise ProtocolError(400, "Both Content-Length and Transfer-Encoding.")
     if not all(_TOKEN.fullmatch(c.encode("latin-1")) for c in codings):
         raise ProtocolError(400, "Invalid Transfer-Encoding.")
+    if codings[-1:] != ["chunked"]:
+        # RFC 9112 6.3: "If a Transfer-Encoding header field is present in a
+        # request and the chunked transfer coding is not the final encoding, ...
+        # the server MUST respond with the 400 (Bad Request) status code and
+        # then close the connection."
+        raise ProtocolError(400, "The final transfer coding must be chunked.")
     if codings.count("chunked") > 1:
         raise ProtocolError(400, "chunked applied more than once.")
     if codings != ["chunked"]:
@@ -1656,7 +1682,7 @@ class _Exchange:
     def __init__(self, server, conn):
         self.server, self.conn, self.head = server, conn, conn.head
         self.status = self.headers = self.length = None
-        self.headers_sent = self.chunked = False
+        self.headers_sent = self.chunked = self.bodiless = False
         self.no_body = self.head.method == "HEAD"
         self.sent, self.close = 0, not self.head.keep_alive
         self.input = _Input(self)
@@ -1738,12 +1764,18 @@ class _Exchange:
             raise ValueError("invalid status line %r" % (status,))
         self.length = _check_headers(headers)
         self.status, self.headers = status, headers
+        code = int(status[:3])
+        # RFC 9110 8.6: "A server MUST NOT send a Content-Length header field in
+        # any response with a status code of 1xx (Informational) or 204 (No
+        # Content)."  A 304 has no content either: none gets framing added.
+        self.bodiless = code in (204, 304) or code < 200
+        self.no_body = self.bodiless or self.head.method == "HEAD"
         return self.write
 
     def send_result(self, result):
         if isinstance(result, (list, tuple)) and all(type(b) is bytes for b in result):
             body = result[0] if len(result) == 1 else b"".join(result)
-            if not self.headers_sent and self.length is None:
+            if not self.headers_sent and self.length is None and not self.bodiless:
                 self.length = len(body)
                 self.headers = self.headers + [("Content-Length", str(self.length))]
             self.write(body)
@@ -1780,7 +1812,7 @@ class _Exchange:
 
     def write_end(self):
         if not self.headers_sent:
-            if self.length is None:
+            if self.length is None and not self.bodiless:
                 self.length = 0
                 self.headers = self.headers + [("Content-Length", "0")]
             self.send_head(b"")
@@ -1792,9 +1824,6 @@ class _Exchange:
     def send_head(self, first: bytes):
         if self.status is None:
             raise AssertionError("write() before start_response()")
-        code = int(self.status[:3])
-        if code in (204, 304) or code < 200:
-            self.no_body = True
         lines = ["HTTP/1.1 ", self.status, "\r\n"]
         for name, value in self.headers:
             lines += (name, ": ", value, "\r\n")
@@ -1833,10 +1862,20 @@ class _Exchange:
             self.close = True
 
     def log(self, environ):
+        """A Common Log Format line; the "combined" formatter appends Referer and User-Agent."""
         self.server._access('%s - %s [%s] "%s %s %s" %s %s' % (
-            environ["REMOTE_ADDR"] or "-", environ.get("REMOTE_USER") or "-",
-            time.strftime("%d/%b/%Y:%H:%M:%S %z"), self.head.method, self.head.target, self.head.version,
-            (self.status or "000")[:3], self.sent or "-"))
+            environ["REMOTE_ADDR"] or "-", _log_quoted(environ.get("REMOTE_USER")) or "-",
+            time.strftime("%d/%b/%Y:%H:%M:%S %z"), self.head.method, _log_quoted(self.head.target),
+            self.head.version, (self.status or "000")[:3], self.sent or "-"),
+            extra={"referer": _log_quoted(environ.get("HTTP_REFERER")) or "-",
+                   "user_agent": _log_quoted(environ.get("HTTP_USER_AGENT")) or "-"})
+
+
+def _log_quoted(text: str) -> str:
+    """``text`` safe inside a quoted log field: '"' and '\\' escaped, non-ASCII as \\xhh."""
+    if not text:
+        return text
+    return text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _check_headers(headers) -> int:
@@ -3855,11 +3894,18 @@ class Part:
         self.size += len(data)
 
     def save(self, path: str) -> None:
-        """Store the content at ``path``: a rename when the temporary file is on that filesystem."""
+        """Store the content at ``path``, with the mode ``open(path, "wb")`` would give it (the
+        umask applies): a rename when the temporary file is on that filesystem."""
         import shutil
         if self._temp is not None:
             self.file.flush()
+            # mkstemp's 0600 is right in a shared temporary directory, not at
+            # ``path``: take the mode open() gives there (reading the umask
+            # means setting it, which would race other threads).
+            with open(path, "ab") as probe:
+                mode = os.fstat(probe.fileno()).st_mode & 0o7777
             try:
+                os.chmod(self._temp, mode)
                 os.replace(self._temp, path)
                 self._temp = None  # it is the caller's file now
                 return
@@ -3868,7 +3914,7 @@ class Part:
                 if exc.errno != errno.EXDEV:
                     raise
         self.file.seek(0)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        with open(path, "wb") as out:
             shutil.copyfileobj(self.file, out, _BLOCK)
         self.file.seek(0)
 
@@ -4042,6 +4088,217 @@ class _ClosingBody:
 
 
 # ===========================================================================
+# Test client
+# Contract: TestClient calls an application in-process, with no socket: each
+# request becomes a PEP 3333 environ handed to the application through
+# wsgiref.validate, so a test also checks that the application speaks valid
+# WSGI.  The answer comes back whole as a TestResponse.  Cookies the
+# application sets are sent back on later requests (by name only: Path and
+# Domain are not matched); redirects to the same host are followed when asked.
+# ===========================================================================
+
+class TestResponse:
+    """``status`` (int), ``headers`` (case-insensitive; a repeated field's values joined
+    with ", "), ``fields`` (every field as sent), ``body`` (bytes), ``text`` and ``json()``."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, status: str, fields: list, body: bytes, url: str):
+        self.status, self.reason = int(status[:3]), status[4:]
+        self.fields, self.body, self.url = fields, body, url
+        self.headers = HeaderDict()
+        for name, value in fields:
+            self.headers[name] = self.headers[name] + ", " + value if name in self.headers else value
+
+    @property
+    def text(self) -> str:
+        """The body decoded with the Content-Type's charset (UTF-8 if none is given)."""
+        charset = re.search(r';\s*charset="?([A-Za-z0-9._:-]+)', self.headers.get("Content-Type", ""), re.I)
+        return self.body.decode(charset.group(1) if charset else "utf-8", "replace")
+
+    def json(self):
+        import json
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return "<TestResponse %d %s>" % (self.status, self.reason)
+
+
+class TestClient:
+    """Requests to an application without a server: ``TestClient(Root()).get("/").text``.
+
+    ``app_or_root`` is a WSGI callable, or an object tree (a root class is
+    instantiated) served by ``Application(root, config)``."""
+
+    __test__ = False
+
+    def __init__(self, app_or_root, config=None, *, follow_redirects: bool = False):
+        app = app_or_root
+        if not (isinstance(app, Application) or _is_wsgi(app)):
+            app = Application(app() if isinstance(app, type) else app, config)
+        self.app, self.follow_redirects, self.cookies = app, follow_redirects, {}
+
+    def request(self, method: str, path: str, *, params=None, data=None, json=None, headers=None, files=None,
+                follow_redirects: bool = None) -> TestResponse:
+        """``params`` extend the query string; the body is ``data`` (a dict or pairs: a form;
+        bytes or str: as is), ``json``, or ``files`` ({name: (filename, content[, type])}
+        or file objects, with ``data`` as the other fields) sent as multipart/form-data."""
+        from urllib.parse import urlencode, urlsplit
+        body, content_type = _request_body(data, json, files)
+        headers = list(headers.items() if isinstance(headers, dict) else headers or ())
+        if content_type and not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", content_type))
+        if params:
+            path += ("&" if "?" in path else "?") + urlencode(params, doseq=True)
+        response = self.send(method, path, headers, body)
+        follow = self.follow_redirects if follow_redirects is None else follow_redirects
+        host = dict((n.lower(), v) for n, v in headers).get("host", "localhost")
+        for _ in range(10 if follow else 0):
+            url = urlsplit(response.headers.get("Location", ""))
+            if response.status not in (301, 302, 303, 307, 308) or not url.path or url.netloc not in ("", host):
+                return response
+            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                # RFC 9110 15.4.4: a 303 is followed with GET (or HEAD); browsers do the same for a POST's 301/302
+                method, body = "HEAD" if method == "HEAD" else "GET", b""
+                headers = [(n, v) for n, v in headers if n.lower() not in ("content-type", "content-length")]
+            response = self.send(method, url.path + ("?" + url.query if url.query else ""), headers, body)
+        if follow and response.status in (301, 302, 303, 307, 308):
+            raise RuntimeError("more than 10 redirects, the last to %s" % response.headers.get("Location"))
+        return response
+
+    get = partialmethod(request, "GET")
+    head = partialmethod(request, "HEAD")
+    post = partialmethod(request, "POST")
+    put = partialmethod(request, "PUT")
+    patch = partialmethod(request, "PATCH")
+    delete = partialmethod(request, "DELETE")
+    options = partialmethod(request, "OPTIONS")
+
+    def send(self, method: str, target: str, headers=(), body: bytes = b"") -> TestResponse:
+        """The core: one request as given (``headers`` are (name, value) pairs), no redirects followed."""
+        import io
+        from urllib.parse import quote
+        from wsgiref.validate import validator
+        target = quote(target, safe="".join(map(chr, range(0x21, 0x7f))))  # what a client puts on the wire
+        path, _, query = target.partition("?")
+        environ = {
+            "REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": _unquote(path), "QUERY_STRING": query,
+            "REQUEST_URI": target, "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "localhost",
+            "SERVER_PORT": "80", "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "50000", "HTTP_HOST": "localhost",
+            "CONTENT_LENGTH": str(len(body)), "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
+            "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,
+        }
+        fields = list(headers)
+        if self.cookies:
+            fields.append(("Cookie", "; ".join("%s=%s" % cookie for cookie in self.cookies.items())))
+        for name, value in fields:
+            key = _env_key(name)
+            if key in environ and key.startswith("HTTP_") and key != "HTTP_HOST":  # repeated: joined as the server does
+                value = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + value
+            environ[key] = value
+        started, chunks = [], []
+
+        def start_response(status, fields, exc_info=None):
+            started[:] = status, fields
+            return chunks.append
+        result = validator(self.app)(environ, start_response)
+        try:
+            chunks.extend(result)
+        finally:
+            result.close()
+        status, fields = started
+        self._keep_cookies(fields)
+        bodiless = method == "HEAD" or status[:3] in ("204", "304") or status[0] == "1"
+        return TestResponse(status, fields, b"" if bodiless else b"".join(chunks), target)
+
+    def _keep_cookies(self, fields) -> None:
+        for name, value in fields:
+            if name.lower() != "set-cookie":
+                continue
+            pair, *attributes = value.split(";")
+            cookie, _, cookie_value = pair.strip(" \t").partition("=")
+            attrs = {k.strip(" \t").lower(): v.strip(" \t") for k, _, v in (a.partition("=") for a in attributes)}
+            max_age = attrs.get("max-age", "")
+            if re.fullmatch(r"-?[0-9]+", max_age):  # RFC 6265 5.3: Max-Age wins over Expires
+                gone = int(max_age) <= 0
+            else:
+                gone = _expired(attrs.get("expires"))
+            if gone:
+                self.cookies.pop(cookie, None)
+            else:
+                self.cookies[cookie] = cookie_value
+
+
+def _is_wsgi(obj) -> bool:
+    """A callable that is not an object tree and takes (environ, start_response)."""
+    if not callable(obj) or hasattr(obj, "index") or hasattr(obj, "default") or _exposed(obj):
+        return False
+    import inspect
+    try:
+        inspect.signature(obj).bind({}, None)
+    except TypeError:
+        return False
+    except ValueError:
+        pass  # no signature to read (a builtin or C extension): trust it
+    return True
+
+
+def _expired(expires: str) -> bool:
+    if not expires:
+        return False
+    from email.utils import parsedate_to_datetime
+    try:
+        return parsedate_to_datetime(expires).timestamp() <= time.time()
+    except (TypeError, ValueError):
+        return False  # unreadable: keep the cookie, as browsers do
+
+
+def _request_body(data, json_value, files) -> tuple:
+    """(body bytes, Content-Type or None) for TestClient.request."""
+    if json_value is not None:
+        import json
+        return json.dumps(json_value).encode("utf-8"), "application/json"
+    if files:
+        return _multipart_body(data, files)
+    if isinstance(data, (dict, list, tuple)):
+        from urllib.parse import urlencode
+        return urlencode(data, doseq=True).encode("ascii"), "application/x-www-form-urlencoded"
+    return (data.encode("utf-8") if isinstance(data, str) else data or b""), None
+
+
+def _form_items(fields) -> list:
+    """[(name, value)] from a dict or pairs; a list value gives one item per element."""
+    items = fields.items() if isinstance(fields, dict) else fields or ()
+    return [(name, v) for name, value in items for v in (value if isinstance(value, list) else [value])]
+
+
+def _multipart_body(data, files) -> tuple:
+    boundary = "minipub-" + os.urandom(12).hex()
+
+    def quoted(text):
+        if "\r" in text or "\n" in text:
+            raise ValueError("a form field or file name may not contain CR or LF: %r" % text)
+        return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+    def part(name, content, filename=None, content_type=None):
+        head = "--%s\r\nContent-Disposition: form-data; name=%s" % (boundary, quoted(name))
+        head += "; filename=%s\r\nContent-Type: %s" % (quoted(filename), content_type) if filename is not None else ""
+        content = content.read() if hasattr(content, "read") else content
+        content = content if isinstance(content, bytes) else str(content).encode("utf-8")
+        return (head + "\r\n\r\n").encode("utf-8") + content
+    parts = [part(name, value) for name, value in _form_items(data)]
+    for name, spec in _form_items(files):
+        if not isinstance(spec, tuple):  # a file object, or bytes
+            spec = (os.path.basename(getattr(spec, "name", name)), spec)
+        filename, content, content_type = (spec + ("application/octet-stream",))[:3]
+        parts.append(part(name, content, filename, content_type))
+    body = b"\r\n".join(parts) + b"\r\n--%s--\r\n" % boundary.encode("ascii")
+    return body, "multipart/form-data; boundary=" + boundary
+
+
+# ===========================================================================
 # Engine, reloader and processes
 # Contract: minipub.engine is the process's life.  Callbacks subscribed to
 # "start" run before the server accepts (one that fails stops startup with one
@@ -4086,7 +4343,7 @@ class Engine:
             except Exception as exc:
                 if channel == "start":
                     raise _StartError("engine start callback %s failed: %s" % (
-                        getattr(callback, "__qualname__", callback), _user_line(exc))) from exc
+                        getattr(callback, "__qualname__", callback), _where(exc))) from exc
                 _logger().exception("engine %s callback %r failed", channel, callback)
         return results
 
@@ -4419,23 +4676,12 @@ def _reload_child() -> int:
     return 0
 
 
-def _user_line(exc: BaseException) -> str:
-    """_where() naming the innermost line of the app's own code, not of a library."""
-    import traceback
-    mine = os.path.abspath(__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if _source_files([f.filename]) not in ([], [mine])]
-    if isinstance(exc, SyntaxError) or not frames:
-        return _where(exc)
-    return "%s: %s (%s, line %s)" % (type(exc).__name__, exc, frames[-1].filename, frames[-1].lineno)
-
-
 def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
     cause = exc.__context__ if isinstance(exc, _TargetError) and exc.__context__ else exc
     if isinstance(exc, SystemExit):
         error = "the program exited (status %s) before serving" % (exc.code,)
     else:
-        error = str(exc) if isinstance(exc, _TargetError) else _user_line(exc)
+        error = str(exc) if isinstance(exc, _TargetError) else _where(exc)
     _CHILD["error"], _CHILD["files"] = error, _module_files() + _error_files(cause)
     if not fallback:
         _child_ready(False)
@@ -4455,15 +4701,20 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
 
 # ===========================================================================
 # Command line, logging and quickstart
-# Contract: ``python minipub.py MODULE:ATTR`` imports the target from the
-# current directory and serves it; bad input gets one line on stderr and
-# exit status 2.  Options come from LIMITS.
+# Contract: ``python minipub.py MODULE:ATTR`` (or the installed ``minipub``)
+# imports the target from the current directory and serves it; every mistake
+# found before serving (a usage error, a bad setting or INI file, a target
+# that cannot be imported, made or served) gets one line on stderr, plus a
+# pointer to --help for usage errors, and exit status 2.  Options come from LIMITS.
 # ===========================================================================
 
 def configure_logging(config: dict) -> None:
     """Error and access logs from the log.* keys (loggers minipub.error, minipub.access)."""
     import logging
-    formats = {"error": "[%(asctime)s] %(levelname)s %(message)s", "access": "%(message)s"}
+    # The format belongs to the process-wide logger, not to one Server, so
+    # every Server in the process writes the same kind of access line.
+    access = {"common": "%(message)s", "combined": '%(message)s "%(referer)s" "%(user_agent)s"'}
+    formats = {"error": "[%(asctime)s] %(levelname)s %(message)s", "access": access[config["log.access_format"]]}
     for name, file_key in (("error", "log.error_file"), ("access", "log.access_file")):
         logger = logging.getLogger("minipub." + name)
         for handler in [h for h in logger.handlers if getattr(h, "_minipub", False)]:
@@ -4471,7 +4722,10 @@ def configure_logging(config: dict) -> None:
             handler.close()
         handlers = [logging.StreamHandler(sys.stderr)] if config["log.screen"] else []
         if config[file_key]:
-            handlers.append(logging.FileHandler(config[file_key], encoding="utf-8"))
+            try:
+                handlers.append(logging.FileHandler(config[file_key], encoding="utf-8"))
+            except OSError as exc:  # else main() would report it as a port it cannot listen on
+                raise ConfigError("cannot open %s %r: %s" % (file_key, config[file_key], exc.strerror or exc)) from None
         for handler in handlers:
             handler._minipub = True
             handler.setFormatter(logging.Formatter(formats[name]))
@@ -4510,8 +4764,9 @@ def serve(app, config: dict, sock=None) -> None:
     engine._begin(server)  # start callbacks: after binding, before accepting
     if _CHILD is not None:
         _child_ready()
-    for url in server.urls:
-        _logger().info("minipub %s serving on %s", __version__, url)
+    urls = server.urls
+    for i, url in enumerate(urls, 1):
+        _logger().info("minipub %s serving on %s%s", __version__, url, "; Ctrl-C to quit" if i == len(urls) else "")
     try:
         server.serve_forever()
     finally:
@@ -4526,36 +4781,95 @@ class _TargetError(Exception):
 def load_target(spec: str, config: dict):
     """Import MODULE:ATTR from the current directory; a WSGI callable to serve."""
     import importlib
-    module_name, colon, attr = spec.partition(":")
-    if not colon or not module_name or not attr:
-        raise _TargetError("target %r is not MODULE:ATTR (e.g. app:Root)" % spec)
+    module_name, attr = _split_target(spec)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        obj = importlib.import_module(module_name)
+        obj = module = importlib.import_module(module_name)
     except Exception as exc:  # any failure at import: one clear line, not a traceback wall
         raise _TargetError("cannot import %s: %s" % (module_name, _where(exc))) from None
+    _check_not_shadowed(module_name, module)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise _TargetError("%s has no attribute %r" % (module_name, attr)) from None
+            raise _TargetError("%s (%s) has no attribute %r" % (
+                module_name, getattr(module, "__file__", None) or "built in", attr)) from None
     if isinstance(obj, type):
-        obj = obj()
-    if isinstance(obj, Application) or (callable(obj) and not hasattr(obj, "index")
-                                        and not hasattr(obj, "default") and not _exposed(obj)):
+        obj = _instantiate(obj, module_name)
+    if isinstance(obj, Application) or _is_wsgi(obj):
         return obj
+    if not _has_handler(obj):
+        raise _TargetError("%s has no exposed handler and is not a WSGI callable(environ, start_response): "
+                           "mark its methods with @minipub.expose" % spec)
     return Application(obj, config)
 
 
+def _split_target(spec: str) -> tuple:
+    """(MODULE, ATTR), or the _TargetError a typo in them deserves."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise _TargetError("target %r is not MODULE:ATTR (e.g. app:Root)" % spec)
+    if module_name.endswith(".py"):
+        raise _TargetError("target %r names a file: drop the .py (%s:%s)" % (spec, module_name[:-3], attr))
+    return module_name, attr
+
+
+def _check_not_shadowed(name: str, module) -> None:
+    """A module of the standard library (or another installed one) imported instead of the app's file."""
+    top = name.partition(".")[0]
+    local = [p for p in (top + ".py", top) if os.path.exists(os.path.join(os.getcwd(), p))]
+    found = sys.modules.get(top)
+    imported = getattr(found, "__file__", None) or next(iter(getattr(found, "__path__", ())), None)  # namespace pkg
+    if local and (imported is None or not os.path.abspath(imported).startswith(os.path.join(os.getcwd(), ""))):
+        raise _TargetError("'import %s' loads %s, not your ./%s: that module shadows your app; rename your file"
+                           % (top, imported or "the built-in module", local[0]))
+
+
+def _instantiate(cls, module_name: str):
+    """A root class made into its instance; one line if that cannot be done without arguments."""
+    import inspect
+    try:
+        inspect.signature(cls).bind()
+    except TypeError as exc:
+        raise _TargetError("%s:%s cannot be created without arguments (%s): serve an instance instead, e.g. "
+                           "root = %s(...) in %s and the target %s:root" % (
+                               module_name, cls.__name__, exc, cls.__name__, module_name, module_name)) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): just try
+    try:
+        return cls()
+    except Exception as exc:
+        raise _TargetError("%s() failed: %s" % (cls.__name__, _where(exc))) from None
+
+
+def _has_handler(root) -> bool:
+    """Whether anything under ``root`` is exposed; a startup check bounded to 1000 objects.
+
+    Attributes are read with getattr_static, so no property runs."""
+    import inspect
+    todo, seen = [root], set()
+    while todo and len(seen) < 1000:
+        node = todo.pop()
+        if _exposed(node) or hasattr(node, "_minipub_resolve"):
+            return True
+        if id(node) in seen or isinstance(node, type(os)) or not hasattr(node, "__dict__"):
+            continue  # visited, a module, or a plain value (int, str, ...)
+        seen.add(id(node))
+        todo.extend(inspect.getattr_static(node, name, None) for name in dir(node) if not name.startswith("_"))
+    return False
+
+
 def _where(exc: BaseException) -> str:
-    """'ZeroDivisionError: division by zero (app.py, line 3)'."""
-    text = "%s: %s" % (type(exc).__name__, exc)
+    """'ZeroDivisionError: division by zero (app.py, line 3)': the innermost line of the
+    application's own code, never of minipub, the standard library or an installed package."""
     if isinstance(exc, SyntaxError):
         return "%s: %s (%s, line %s)" % (type(exc).__name__, exc.msg, exc.filename, exc.lineno)
     import traceback
-    frames = traceback.extract_tb(exc.__traceback__)
-    frames = [f for f in frames if "importlib" not in f.filename] or frames
+    mine = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if _source_files([f.filename]) not in ([], [mine])]
+    text = "%s: %s" % (type(exc).__name__, exc)
     if frames:
         text += " (%s, line %s)" % (frames[-1].filename, frames[-1].lineno)
     return text
@@ -4575,30 +4889,59 @@ def _cli_value(key: str, text: str):
         raise ConfigError("--%s wants a %s, not %r" % (key, _ROWS[key][2], text)) from None
 
 
+_CLI_ALIASES = {"host": "server.socket_host", "port": "server.socket_port", "threads": "server.thread_pool",
+                "certfile": "server.ssl_certificate", "keyfile": "server.ssl_private_key"}
+
+
+class _UsageError(Exception):
+    """A command-line mistake found by argparse; main() prints it in one line."""
+
+
+def _prog() -> str:
+    """The installed command (and ``python -m minipub``) is minipub; a copied file runs by its path."""
+    return "python %s" % os.path.basename(__file__) if __name__ == "__main__" and __spec__ is None else "minipub"
+
+
 def _arg_parser():
     import argparse
     parser = argparse.ArgumentParser(
-        prog="python %s" % os.path.basename(__file__),
+        prog=_prog(), usage="%(prog)s [--help] [--version] [options] MODULE:ATTR", allow_abbrev=False,
         description="Serve MODULE:ATTR (a class, an instance or a WSGI callable) over HTTP/1.1.")
-    parser.add_argument("target", help="what to serve, e.g. app:Root (imported from the current directory)")
-    parser.add_argument("--host", help="alias of --server.socket_host")
-    parser.add_argument("--port", type=int, help="alias of --server.socket_port")
-    parser.add_argument("--threads", type=int, help="alias of --server.thread_pool")
+
+    def error(message):  # instead of argparse's usage dump and exit
+        raise _UsageError(message)
+    parser.error = error
+    parser.add_argument("target", metavar="MODULE:ATTR",
+                        help="what to serve, e.g. app:Root (imported from the current directory)")
+    parser.add_argument("--version", action="version", version="minipub %s" % __version__)
+    for alias, key in _CLI_ALIASES.items():
+        parser.add_argument("--" + alias, type=int if alias in ("port", "threads") else str,
+                            help="alias of --%s" % key)
     parser.add_argument("--config", help="INI file with a [global] section of Python literals")
     parser.add_argument("--reload", action="store_true", help="alias of --engine.autoreload.on true")
-    parser.add_argument("--certfile", help="alias of --server.ssl_certificate")
-    parser.add_argument("--keyfile", help="alias of --server.ssl_private_key")
     table = parser.add_argument_group("settings (the LIMITS table: key, default, why)")
     for key, default, unit, why in LIMITS:
         table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %r]" % (why, default))
     return parser
 
 
+def _parse_args(parser, argv):
+    """argparse's namespace; _UsageError naming the first unknown option and its likely spelling."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        name = extra[0].partition("=")[0]
+        if not name.startswith("-"):
+            raise _UsageError("unexpected argument %r" % name)
+        import difflib
+        known = ["--" + o for o in (*_CLI_ALIASES, "config", "reload", "version", "help", *_ROWS)]
+        close = difflib.get_close_matches(name, known, n=1)
+        raise _UsageError("unknown option %s%s" % (name, "; did you mean %s?" % close[0] if close else ""))
+    return args
+
+
 def _cli_config(args) -> dict:
     values = load_config(args.config) if args.config else make_config()
-    aliases = {"host": "server.socket_host", "port": "server.socket_port", "threads": "server.thread_pool",
-               "certfile": "server.ssl_certificate", "keyfile": "server.ssl_private_key"}
-    for alias, key in aliases.items():
+    for alias, key in _CLI_ALIASES.items():
         if getattr(args, alias) is not None:
             values[key] = _convert(key, getattr(args, alias))
     for key in _ROWS:
@@ -4621,12 +4964,18 @@ def _check_certificates(config):
 
 def main(argv=None) -> int:
     """The command line; returns the exit status."""
-    args = _arg_parser().parse_args(argv)
+    parser = _arg_parser()
+    try:
+        args = _parse_args(parser, argv)
+    except _UsageError as exc:
+        print("minipub: error: %s\nrun '%s --help' for the options" % (exc, parser.prog), file=sys.stderr)
+        return 2
     try:
         config = _cli_config(args)
         configure_logging(config)
         reload = config["engine.autoreload.on"]  # then only the children import the app
         app = None if reload else load_target(args.target, config)
+        _split_target(args.target)  # reloading: a typo in the target is still one line here
         _check_certificates(config)
         sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
     except (ConfigError, _TargetError) as exc:

@@ -178,6 +178,24 @@ def test_config_defaults_and_types():
         minipub.Server(hello_app, "127.0.0.1", 0, no_such_option=1)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("server.socket_port", 65536), ("server.socket_port", 70000), ("server.socket_port", 99999),
+    ("server.socket_port", -1), ("server.thread_pool", 0), ("log.access_format", "fancy"),
+])
+def test_config_out_of_range_values_are_refused(key, value):
+    with pytest.raises(minipub.ConfigError, match=re.escape(key)):
+        minipub.make_config({key: value})
+    with pytest.raises(minipub.ConfigError):
+        minipub.Server(hello_app, config={key: value}) if key != "server.socket_port" else \
+            minipub.Server(hello_app, "127.0.0.1", value)
+
+
+def test_config_range_ends_are_accepted():
+    for key, value in [("server.socket_port", 0), ("server.socket_port", 65535), ("server.thread_pool", 1),
+                       ("log.access_format", "combined")]:
+        assert minipub.make_config({key: value})[key] == value
+
+
 def test_config_ini_file(tmp_path):
     ini = tmp_path / "site.ini"
     ini.write_text("[global]\nserver.socket_port = 9090\nlog.screen = False\n"
@@ -301,6 +319,8 @@ def test_absolute_form_target(serve):
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
     b"GET / HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, deflate\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2;a:bc=123\r\nab\r\n0\r\n\r\n",
 ])
 def test_framing_error_answers_once_and_closes(serve, bad):
     server = serve(hello_app)
@@ -453,6 +473,14 @@ GOOD = [
     (b"GET / HTTP/1.1\r\n" + H + b"X-Empty:\r\nX-Tab:\tv\t\r\nX-Obs: caf\xe9\r\n\r\n", [("GET", "/", b"")]),
     (b"GET / HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", [("GET", "/", b""), ("GET", "/2", b"")]),
 ]
+TE = b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), RFC 9112 7.1.1
+GOOD += [(TE + line + b"\r\nab\r\n0\r\n\r\n", [("POST", "/", b"ab")]) for line in (
+    b"2 ;a", b"2\t;\ta", b"2;a;b=c", b"2 ; a = b ; c", b'2;a="b"', b'2;a=""', b'2;a="q\\"d; \xe9"',
+    b"2;!#$%&'*+-.^_`|~=x")]
+# RFC 9110 5.6.1.2: empty list elements are ignored
+GOOD += [(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: " + te + b"\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+          [("POST", "/", b"ab")]) for te in (b",chunked", b"chunked,", b" , ,chunked , ")]
 BAD = [
     # Content-Length is 1*DIGIT and nothing else
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: +5\r\n\r\nhello", 400),
@@ -465,10 +493,14 @@ BAD = [
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5, 5\r\n\r\nhello", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1234567890123456789012\r\n\r\n", 400),
-    # Transfer-Encoding must be exactly chunked
-    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+    # Transfer-Encoding must be exactly chunked; a final coding other than chunked is 400 (RFC 9112 6.3)
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
-    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, identity\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, identity\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, deflate\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: ,\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding:\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chun ked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400),
@@ -482,6 +514,10 @@ BAD = [
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"e" * 2000 + b"\r\nhello\r\n0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", 400),
+    # chunk-ext grammar (RFC 9112 7.1.1): a token name, a token or quoted-string value
+    *[(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n" + line + b"\r\nab\r\n0\r\n\r\n", 400)
+      for line in (b"2;", b"2;=x", b'2;a="b', b"3;x\x84=y", b"1;a:bc=123", b"2 ;", b"2;a=", b"2;a b", b"2;a=b c",
+                   b'2;a="b"c', b'2;a="\x7f"', b"2;a=\x00", b"2;a=\"b\\\x01\"", b"2 ", b"2;;a", b"2;a,b", b"2\x0b;a")],
     # field syntax
     (b"GET / HTTP/1.1\r\n" + H + b"X: a\rb\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n" + H + b"X: a\x00b\r\n\r\n", 400),
@@ -585,6 +621,63 @@ def test_any_wsgi_app_with_write_callable(serve):
     server = serve(app)
     status, headers, body = responses(exchange(server.port, b"GET / HTTP/1.0\r\n\r\n"))[0]
     assert (status, body, headers["content-length"]) == (201, b"abcdef", "6")
+
+
+@pytest.mark.parametrize("status", ["204 No Content", "304 Not Modified", "101 Switching Protocols"])
+@pytest.mark.parametrize("body", [[], [b""], iter([b"", b""])])
+def test_no_framing_fields_added_to_bodiless_statuses(serve, status, body):
+    # RFC 9110 8.6: no Content-Length on 1xx and 204; a 304 has no content either
+    def app(environ, start_response):
+        start_response(status, [("ETag", '"x"')])
+        return body
+    server = serve(app)
+    raw = exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.0\r\nConnection: close\r\n\r\n")
+    heads = raw.split(b"\r\n\r\n")
+    assert len(heads) == 3 and heads[2] == b""  # two heads, no body bytes: the first kept the connection
+    for head in heads[:2]:
+        assert head.startswith(b"HTTP/1.1 " + status.encode()) and b'ETag: "x"' in head
+        assert b"Content-Length" not in head and b"Transfer-Encoding" not in head
+
+
+def test_head_and_empty_200_still_get_content_length(serve):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"abc" if environ["PATH_INFO"] == "/abc" else b""]
+    server = serve(app)
+    got = responses(exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                             b"GET /abc HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    assert [(s, h["content-length"], b) for s, h, b in got] == [(200, "0", b""), (200, "3", b"abc")]
+    raw = exchange(server.port, b"HEAD /abc HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert b"Content-Length: 3\r\n" in raw and raw.endswith(b"\r\n\r\n")
+
+
+@pytest.fixture
+def restore_logging():
+    """configure_logging() changes process-wide loggers: put them back after the test."""
+    loggers = [logging.getLogger("minipub." + name) for name in ("error", "access")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        for handler in lg.handlers[:]:
+            lg.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+
+
+@pytest.mark.parametrize("fmt", ["common", "combined"])
+def test_access_log_format_is_the_same_for_every_server(serve, tmp_path, restore_logging, fmt):
+    log = tmp_path / "access.log"
+    minipub.configure_logging(minipub.make_config({"log.screen": False, "log.access_file": str(log),
+                                                   "log.access_format": fmt}))
+    ports = [serve(hello_app).port, serve(hello_app, config={"log.access_format": "common"}).port]
+    for port in ports:
+        exchange(port, b'GET /a"b HTTP/1.1\r\nHost: a\r\nReferer: http://r/\r\n'
+                       b'User-Agent: ag"ent \xe9\r\nConnection: close\r\n\r\n')
+    assert wait_until(lambda: log.read_text().count("\n") == 2)
+    for line in log.read_text().splitlines():
+        assert re.fullmatch(r'127\.0\.0\.1 - - \[[^]]+\] "GET /a\\"b HTTP/1\.1" 200 6' +
+                            (r' "http://r/" "ag\\"ent \\xe9"' if fmt == "combined" else ""), line), line
 
 
 @pytest.mark.parametrize("status,headers", [
@@ -2630,6 +2723,30 @@ def test_upload_save_renames_and_temp_files_go(serve, tmp_path, tmpdir_uploads):
     assert os.listdir(tmpdir_uploads) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_part_save_creates_files_as_open_would(tmp_path, tmpdir_uploads, umask):
+    parts = {}
+    for name, size in (("spooled", 5000), ("memory", 10)):  # a rename and a copy
+        parts[name] = minipub.Part("f", "x", "text/plain", spool_size=1000)
+        parts[name]._write(b"d" * size)
+    assert parts["spooled"]._temp and not parts["memory"]._temp
+    (tmp_path / "old").write_bytes(b"old")
+    os.chmod(tmp_path / "old", 0o600)
+    old_umask = os.umask(umask)
+    try:
+        for name, part in parts.items():
+            part.save(str(tmp_path / name))
+            assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+        parts["memory"].save(str(tmp_path / "old"))  # an existing file keeps its mode, as with open()
+    finally:
+        os.umask(old_umask)
+    assert os.stat(tmp_path / "old").st_mode & 0o777 == 0o600 and (tmp_path / "old").read_bytes() == b"d" * 10
+    assert (tmp_path / "spooled").read_bytes() == b"d" * 5000
+    for part in parts.values():
+        part.close()
+    assert os.listdir(tmpdir_uploads) == []
+
+
 def test_part_safe_filename():
     cases = {"../../etc/passwd": "passwd", "C:\\Users\\me\\cv.pdf": "cv.pdf", "..": "", "a/": "",
              "ok name.txt": "ok name.txt", "C:evil.txt": "C_evil.txt", "nul\x00x.txt": "nul_x.txt",
@@ -2733,6 +2850,152 @@ def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads, 
 
 
 # ===========================================================================
+# Test client
+# ===========================================================================
+
+class ClientRoot:
+    @minipub.expose
+    def index(self, **params):
+        req = minipub.request
+        return {"method": req.method, "params": {k: v if isinstance(v, (str, list)) else repr(v)
+                                                 for k, v in params.items()},
+                "cookies": req.cookies, "agent": req.headers.get("User-Agent"), "path": req.path}
+
+    @minipub.expose
+    def echo(self):
+        minipub.response.headers["X-Seen-Type"] = minipub.request.headers.get("Content-Type", "")
+        return minipub.request.body.read(1 << 20)
+
+    @minipub.expose
+    def login(self, user="bob"):
+        minipub.response.set_cookie("sid", user)
+        raise minipub.HTTPRedirect("/?after=login")
+
+    @minipub.expose
+    def logout(self):
+        minipub.response.delete_cookie("sid")
+        return "bye"
+
+    @minipub.expose
+    def loop(self):
+        raise minipub.HTTPRedirect("/loop", 307)
+
+    @minipub.expose
+    def away(self):
+        raise minipub.HTTPRedirect("http://example.org/", 302)
+
+    @minipub.expose
+    def upload(self, note, **files):
+        return {"note": note, **{name: [p.filename, p.content_type, p.file.read().decode()]
+                                 for name, p in files.items()}}
+
+    @minipub.expose
+    class Item:
+        def GET(self):
+            return "got"
+
+        def PUT(self):
+            return "put " + minipub.request.body.read(100).decode()
+
+        def PATCH(self):
+            return "patched"
+
+        def DELETE(self):
+            minipub.response.status = 202
+            return "deleted"
+
+        def OPTIONS(self):
+            minipub.response.headers["Allow"] = "GET, PUT, PATCH, DELETE, OPTIONS"
+            return ""
+    item = Item()
+
+
+def test_client_every_method_params_json_form_and_headers():
+    client = minipub.TestClient(ClientRoot())
+    got = client.get("/?a=1", params={"b": ["2", "3"], "c": "é"}, headers={"User-Agent": "pytest"})
+    assert (got.status, got.reason, got.headers["CONTENT-TYPE"]) == (200, "OK", "application/json")
+    assert got.json() == {"method": "GET", "params": {"a": "1", "b": ["2", "3"], "c": "é"}, "cookies": {},
+                          "agent": "pytest", "path": "/"}
+    assert client.post("/", data={"x": ["1", "2"], "y": "z"}).json()["params"] == {"x": ["1", "2"], "y": "z"}
+    got = client.post("/echo", json={"k": [1, "ü"]})
+    assert (got.json(), got.headers["x-seen-type"]) == ({"k": [1, "ü"]}, "application/json")
+    got = client.request("POST", "/echo", data="ü", headers=[("Content-Type", "text/plain; charset=utf-8")])
+    assert (got.body, got.headers["X-Seen-Type"]) == ("ü".encode(), "text/plain; charset=utf-8")
+    assert [(r.status, r.text) for r in (client.get("/item"), client.put("/item", data=b"it"),
+                                          client.patch("/item"), client.delete("/item"))] == [
+        (200, "got"), (200, "put it"), (200, "patched"), (202, "deleted")]
+    got = client.options("/item")
+    assert (got.status, got.headers["allow"]) == (200, "GET, PUT, PATCH, DELETE, OPTIONS")
+    got = client.head("/item")
+    assert (got.status, got.body) == (200, b"")
+    assert client.get("/missing").status == 404 and "Not Found" in client.get("/missing").text
+    assert client.post("/item").headers["Allow"].startswith("GET, HEAD")  # 405 with Allow
+
+
+def test_client_cookie_jar_and_redirects():
+    client = minipub.TestClient(ClientRoot())
+    got = client.post("/login", data={"user": "ann"})
+    assert (got.status, got.headers["Location"], client.cookies) == (303, "http://localhost/?after=login",
+                                                                      {"sid": "ann"})
+    got = client.post("/login", data={"user": "joe"}, follow_redirects=True)  # a 303 is followed with GET
+    assert (got.status, got.url) == (200, "/?after=login")
+    assert got.json()["method"] == "GET" and got.json()["cookies"] == {"sid": "joe"}
+    assert [f for f in got.fields if f[0] == "Set-Cookie"] == []
+    assert client.get("/logout").text == "bye" and client.cookies == {}  # Max-Age=0 deletes
+    with pytest.raises(RuntimeError, match="more than 10 redirects"):
+        client.get("/loop", follow_redirects=True)
+    assert client.get("/away", follow_redirects=True).status == 302  # another host: not ours to call
+    following = minipub.TestClient(ClientRoot(), follow_redirects=True)
+    assert following.get("/login").url == "/?after=login" and following.get("/").json()["cookies"] == {"sid": "bob"}
+
+    def expiring(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Set-Cookie", "a=1; Path=/"),
+                                  ("Set-Cookie", "b=2; Expires=Thu, 01 Jan 1970 00:00:00 GMT"),
+                                  ("Set-Cookie", "c=3; Expires=Fri, 01 Jan 2100 00:00:00 GMT")])
+        return [environ.get("HTTP_COOKIE", "").encode()]
+    wsgi = minipub.TestClient(expiring)
+    wsgi.cookies.update(b="old")
+    assert wsgi.get("/").text == "b=old" and wsgi.cookies == {"a": "1", "c": "3"}
+    assert wsgi.get("/", headers={"Cookie": "z=9"}).text == "z=9; a=1; c=3"
+
+
+def test_client_multipart_file_upload(tmp_path):
+    (tmp_path / "report.csv").write_bytes(b"a,b\n1,2\n")
+    client = minipub.TestClient(ClientRoot())
+    with open(tmp_path / "report.csv", "rb") as report:
+        got = client.post("/upload", data={"note": "Été"}, files={
+            "a": ('sp ace "q".txt', "text ü", "text/plain; charset=utf-8"), "b": report, "c": b"\r\n--raw\r\n"})
+    assert got.status == 200, got.text
+    assert got.json() == {"note": "Été", "a": ['sp ace "q".txt', "text/plain; charset=utf-8", "text ü"],
+                          "b": ["report.csv", "application/octet-stream", "a,b\n1,2\n"],
+                          "c": ["c", "application/octet-stream", "\r\n--raw\r\n"]}
+
+
+def test_client_wraps_roots_passes_config_and_validates_wsgi():
+    class Broken:
+        @minipub.expose
+        def index(self):
+            raise ValueError("boom")
+    def echo(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["wsgi.input"].read(10)]
+    assert minipub.TestClient(echo).post("/", data=b"you").body == b"you"  # a WSGI callable is used as it is
+    assert minipub.TestClient(ClientRoot).get("/").status == 200  # a root class is instantiated
+    assert "ValueError: boom" not in minipub.TestClient(Broken()).get("/").text
+    shown = minipub.TestClient(Broken(), {"request.show_tracebacks": True}).get("/")
+    assert shown.status == 500 and "ValueError: boom" in shown.text
+    app = minipub.Application(ClientRoot())
+    assert minipub.TestClient(app).app is app
+
+    def not_wsgi(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return ["text, not bytes"]
+    with pytest.raises(AssertionError):  # wsgiref.validate is on the way
+        minipub.TestClient(not_wsgi).get("/")
+    assert minipub.TestClient.__test__ is False  # `from minipub import TestClient` adds no pytest class
+
+
+# ===========================================================================
 # Reloader
 # ===========================================================================
 
@@ -2782,7 +3045,7 @@ def test_reloader_failure_names_the_apps_line_not_the_librarys(tmp_path):
     app.write_text("import json\n\nCONFIG = json.loads('{not json')\n")
     with pytest.raises(ValueError) as info:
         exec(compile(app.read_text(), str(app), "exec"), {})
-    text = minipub._user_line(info.value)
+    text = minipub._where(info.value)
     assert text.startswith("JSONDecodeError: ") and text.endswith("(%s, line 3)" % app)
 
 
@@ -2983,6 +3246,9 @@ def wait_for_port(port, proc=None, timeout=10.0):
     raise AssertionError("port %d never opened" % port)
 
 
+APP = "import minipub\nclass Root:\n    @minipub.expose\n    def index(self):\n        return 'hi'\n"
+
+
 def run_cli(args, cwd, timeout=20):
     return subprocess.run([sys.executable, os.path.join(HERE, "minipub.py")] + args, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
@@ -3005,8 +3271,76 @@ def test_cli_bad_targets_get_one_line_and_status_2(tmp_path, source, target, mes
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("files,args,message", [
+    ({}, ["app.py:Root"], "target 'app.py:Root' names a file: drop the .py (app:Root)"),
+    ({}, ["app.py:Root", "--reload"], "target 'app.py:Root' names a file: drop the .py (app:Root)"),
+    ({}, ["app:Root", "--threads", "0"], "'server.thread_pool' must be at least 1, got 0"),
+    ({}, ["app:Root", "--port", "99999"], "'server.socket_port' must be 0 to 65535, got 99999"),
+    ({}, ["app:Root", "--port", "65536"], "'server.socket_port' must be 0 to 65535, got 65536"),
+    ({}, ["app:Root", "--config", "bare.ini"], "bare.ini, line 1: no section header; put the settings under [global]"),
+    ({"lazy.py": "class Root:\n    def index(self):\n        return 'no expose'\n"}, ["lazy:Root"],
+     "lazy:Root has no exposed handler and is not a WSGI callable(environ, start_response)"),
+    ({"lazy.py": "def main():\n    pass\n"}, ["lazy:main"], "lazy:main has no exposed handler"),
+    ({"db.py": APP.replace("class Root:", "class Root:\n    def __init__(self, db):\n        pass")}, ["db:Root"],
+     "db:Root cannot be created without arguments (missing a required argument: 'db')"),
+    ({"boom.py": "class Root:\n    def __init__(self):\n        1 / 0\n"}, ["boom:Root"],
+     "Root() failed: ZeroDivisionError: division by zero (%(dir)s/boom.py, line 3)"),
+    ({"site.py": APP}, ["site:Root"], "'import site' loads %(site)s, not your ./site.py: that module shadows your app"),
+    ({"cfg.py": "import minipub\n\nCONFIG = minipub.make_config({'server.socket_prot': 1})\n"}, ["cfg:Root"],
+     "cannot import cfg: ConfigError: unknown config key 'server.socket_prot' (%(dir)s/cfg.py, line 3)"),
+    ({}, ["nosuchmodule:Root"], "cannot import nosuchmodule: ModuleNotFoundError: No module named 'nosuchmodule'"),
+])
+def test_cli_startup_mistakes_get_one_line_and_status_2(tmp_path, files, args, message):
+    import site
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "bare.ini").write_text("server.socket_port = 1\n")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = run_cli(args + ["--port", "0"] if "--port" not in args else args, str(tmp_path))
+    assert result.returncode == 2, result
+    expected = message % {"dir": tmp_path, "site": site.__file__}
+    assert result.stderr.startswith("minipub: error: ") and result.stderr.count("\n") == 1
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert "minipub.py" not in result.stderr  # never minipub's own line
+
+
+def _cli_wrapper(tmp_path, how):
+    """The command as each way of starting minipub runs it."""
+    if how == "script":
+        return [sys.executable, os.path.join(HERE, "minipub.py")]
+    if how == "module":
+        return [sys.executable, "-m", "minipub"]
+    wrapper = tmp_path / "minipub"  # what pip's console-script wrapper does
+    wrapper.write_text("import sys\nfrom minipub import main\nsys.exit(main())\n")
+    return [sys.executable, str(wrapper)]
+
+
+@pytest.mark.parametrize("how,prog", [("script", "python minipub.py"), ("module", "minipub"), ("command", "minipub")])
+def test_cli_names_itself_and_mistyped_options_get_one_line(tmp_path, how, prog):
+    env = dict(os.environ, PYTHONPATH=HERE)
+    run = [*_cli_wrapper(tmp_path, how)]
+
+    def cli(*args):
+        return subprocess.run(run + list(args), cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                              timeout=20)
+    result = cli("--version")
+    assert (result.returncode, result.stdout) == (0, "minipub %s\n" % minipub.__version__)
+    assert cli("--help").stdout.startswith("usage: %s [--help] [--version] [options] MODULE:ATTR\n" % prog)
+    hint = "run '%s --help' for the options\n" % prog
+    result = cli("--prot", "8000", "app:Root")
+    assert (result.returncode, result.stderr) == (2, "minipub: error: unknown option --prot; did you mean --port?\n"
+                                                  + hint)
+    if how != "script":
+        return  # the rest is the same whichever way it started
+    result = cli("app:Root", "--server.socket_prot=1")
+    assert result.stderr == ("minipub: error: unknown option --server.socket_prot; did you mean --server.socket_port?\n"
+                             + hint)
+    assert cli("app:Root", "--po", "1").stderr.startswith("minipub: error: unknown option --po")  # no abbreviations
+    assert cli().stderr == "minipub: error: the following arguments are required: MODULE:ATTR\n" + hint
+
+
 def test_cli_config_errors(tmp_path):
-    (tmp_path / "app.py").write_text("class Root: pass\n")
+    (tmp_path / "app.py").write_text(APP)
     (tmp_path / "bad.ini").write_text("[global]\nserver.socket_prot = 1\n")
     result = run_cli(["app:Root", "--config", "bad.ini"], str(tmp_path))
     assert result.returncode == 2 and "server.socket_prot" in result.stderr
@@ -3015,13 +3349,13 @@ def test_cli_config_errors(tmp_path):
 
 
 def test_cli_missing_certificate_is_one_line(tmp_path):
-    (tmp_path / "app.py").write_text("class Root: pass\n")
+    (tmp_path / "app.py").write_text(APP)
     result = run_cli(["app:Root", "--port", "0", "--certfile", "missing.pem"], str(tmp_path))
     assert result.returncode == 2 and "TLS certificate" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_port_in_use(tmp_path):
-    (tmp_path / "app.py").write_text("class Root: pass\n")
+    (tmp_path / "app.py").write_text(APP)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -3048,7 +3382,7 @@ def test_cli_serves_app_that_imports_minipub_and_stops_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
-    assert "serving on http://127.0.0.1:%d/" % port in err and '"GET /?who=you HTTP/1.1" 200' in err
+    assert "serving on http://127.0.0.1:%d/; Ctrl-C to quit\n" % port in err and '"GET /?who=you HTTP/1.1" 200' in err
 
 
 def test_cli_serves_a_plain_wsgi_callable(tmp_path):
@@ -3168,8 +3502,17 @@ def example_get(app, path, query=""):
     return status, body
 
 
-def test_faq_index(faq_app):
-    assert example_get(faq_app, "/") == (200, b"minipub FAQ examples")
+def test_faq_index_links_to_every_url_it_demonstrates(faq_app):
+    client = minipub.TestClient(faq_app, follow_redirects=True)
+    page = client.get("/").text
+    assert "<h1>minipub FAQ examples</h1>" in page and 'action="items"' in page
+    links = [html.unescape(href) for href in re.findall(r'href="([^"]*)"', page)]
+    shown = {urlsplit(url).path + ("?" + urlsplit(url).query if urlsplit(url).query else "")
+             for url in re.findall(r"http://127\.0\.0\.1:8080(/[^'\s]*)", faq.__doc__)}
+    assert shown <= {"/" + link for link in links}  # every URL the docstring shows is linked
+    assert client.post("/items", data={"name": "pencil"}).status == 201
+    for link in links:
+        assert client.get("/" + link).status == 200, link
 
 
 def test_faq_extra_path_elements_become_positional_args(faq_app):

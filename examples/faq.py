@@ -94,9 +94,18 @@ class Root:
         setattr(self, "class", self._class)
         setattr(self, "return", self._return)
 
+    # Every URL this module demonstrates, linked from the index page. The
+    # links are relative, so they work wherever the tree is mounted.
+    EXAMPLES = ("project/123/456/789?x=blah", "report.xml", "wiki/", "wiki/Some/Page", "print", "class/7b",
+                "return?item=book", "sub", "sub/page", "items", "items/0", "search?q=cats&tag=a&tag=b", "status")
+
     @minipub.expose
     def index(self):
-        return "minipub FAQ examples"
+        from html import escape
+        links = "".join('<li><a href="%s">/%s</a></li>\n' % (escape(url), escape(url)) for url in self.EXAMPLES)
+        return ("<!DOCTYPE html>\n<title>minipub FAQ examples</title>\n<h1>minipub FAQ examples</h1>\n"
+                "<ul>\n%s</ul>\n<form method=\"post\" action=\"items\"><input name=\"name\" value=\"pencil\"> "
+                "<button>POST /items</button></form>\n" % links)
 
     # Q: How do I accept extra path elements, as in /project/123/456/789?
     # A: Path segments after the handler's own name become positional
