@@ -4651,16 +4651,17 @@ def _reload_child() -> int:
     chan.set_inheritable(False)  # the app's own subprocesses must not keep it open
     _CHILD = {"chan": chan, "sock": state["sock"], "error": None, "files": [], "ready": False}
     threading.Thread(target=_lifeline, args=(chan,), name="minipub-lifeline", daemon=True).start()
-    config = make_config(state["config"])
+    config = make_config()  # the parent's settings, tools.* and the like included
+    config.update((key, _check_key(key, value, "[global]")) for key, value in state["config"].items())
     sys.argv[:] = state["argv"]
     # A .pyc is trusted when the source's size and mtime in whole seconds match:
     # two saves within one second would load stale code.  Children never write one.
     sys.dont_write_bytecode = True
-    how, what = state["run"]
+    how, what, *sections = state["run"]
     try:
-        if how == "target":
+        if how == "target":  # sections: the --config file's path sections, for the application
             configure_logging(config)
-            serve(load_target(what, config), config)
+            serve(load_target(what, dict(config, **(sections[0] if sections else {}))), config)
         elif how == "module":
             sys.path[0] = os.getcwd()  # what -m puts there
             runpy.run_module(what, run_name="__main__", alter_sys=True)
@@ -4759,7 +4760,8 @@ def serve(app, config: dict, sock=None) -> None:
     elif config["engine.autoreload.on"]:
         _supervise(config, sock, _how_started())
         return
-    server = Server(app, config["server.socket_host"], config["server.socket_port"], sock=sock, config=config)
+    server = Server(app, config["server.socket_host"], config["server.socket_port"], sock=sock,
+                    config=_limits(config))
     server._prepare()
     engine._begin(server)  # start callbacks: after binding, before accepting
     if _CHILD is not None:
@@ -4972,9 +4974,10 @@ def main(argv=None) -> int:
         return 2
     try:
         config = _cli_config(args)
+        sections = _read_ini(args.config)[1] if args.config else {}  # [/path] sections: the app's
         configure_logging(config)
         reload = config["engine.autoreload.on"]  # then only the children import the app
-        app = None if reload else load_target(args.target, config)
+        app = None if reload else load_target(args.target, dict(config, **sections))
         _split_target(args.target)  # reloading: a typo in the target is still one line here
         _check_certificates(config)
         sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
@@ -4986,7 +4989,7 @@ def main(argv=None) -> int:
             config["server.socket_host"], config["server.socket_port"], exc.strerror or exc), file=sys.stderr)
         return 2
     if reload:
-        return _supervise(config, sock, ["target", args.target])
+        return _supervise(config, sock, ["target", args.target, sections])
     try:
         serve(app, config, sock)
     except _StartError as exc:
@@ -5056,7 +5059,10 @@ def _cpwebcase():
             super().tearDownClass()
 
         def getPage(self, url, headers=None, method="GET", body=None, protocol="HTTP/1.1"):
-            self.status, self.headers, self.body = _call_wsgi(tree, method, url, headers or [], body, protocol)
+            body = body.encode("utf-8") if isinstance(body, str) else body or b""
+            answer = TestClient(tree).send(method, url, headers or [], body)
+            self.status = "%d %s" % (answer.status, answer.reason)
+            self.headers, self.body = answer.fields, answer.body
             return self.status, self.headers, self.body
 
         def _values(self, key):
@@ -5096,35 +5102,6 @@ def _cpwebcase():
             if re.search(self._bytes(pattern), self.body, flags) is None:
                 self.fail(msg or "%r does not match the body" % (pattern,))
     return CPWebCase
-
-
-def _call_wsgi(app, method: str, url: str, headers, body, protocol: str = "HTTP/1.1"):
-    """One in-process request: (status line, [(name, value)], body bytes)."""
-    import io
-    path, _, query = url.partition("?")
-    body = body.encode("utf-8") if isinstance(body, str) else (body or b"")
-    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": _unquote(path), "QUERY_STRING": query,
-               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": protocol,
-               "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "1234", "REQUEST_URI": url, "HTTP_HOST": "127.0.0.1",
-               "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
-               "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
-               "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper}
-    if body:
-        environ["CONTENT_LENGTH"] = str(len(body))
-    for name, value in headers:
-        key = _env_key(name)
-        environ[key] = environ[key] + "," + value if key in environ and key.startswith("HTTP_") else value
-    out = {}
-
-    def start_response(status, fields, exc_info=None):
-        out["status"], out["headers"] = status, fields
-    result = app(environ, start_response)
-    try:
-        data = b"".join(result)
-    finally:
-        if hasattr(result, "close"):
-            result.close()
-    return out["status"], out["headers"], b"" if method == "HEAD" else data
 
 
 def _import_paths(name: str) -> None:

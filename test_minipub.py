@@ -3348,6 +3348,35 @@ def test_cli_config_errors(tmp_path):
     assert result.returncode == 2 and "server.thread_pool" in result.stderr
 
 
+@pytest.mark.parametrize("reload", [False, True])
+def test_cli_config_file_path_sections_reach_the_application(tmp_path, reload):
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "a.txt").write_text("static")
+    (tmp_path / "site.ini").write_text(
+        "[global]\nlog.screen = False\ntools.response_headers.on = True\n"
+        "tools.response_headers.headers = [('X-Site', 'global')]\n"
+        "[/files]\ntools.staticdir.on = True\ntools.staticdir.dir = %r\n" % str(tmp_path / "files"))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minipub.py"), "app:Root", "--port", str(port),
+                             "--config", "site.ini"] + (["--reload"] if reload else []), cwd=str(tmp_path))
+    try:
+        wait_for_port(port, proc)
+        assert wait_until(lambda: _fetch_ok(port, "/files/a.txt"), timeout=15)
+        with urllib.request.urlopen("http://127.0.0.1:%d/files/a.txt" % port, timeout=5) as answer:
+            assert answer.read() == b"static" and answer.headers["X-Site"] == "global"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def _fetch_ok(port, path):
+    try:
+        return urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def test_cli_missing_certificate_is_one_line(tmp_path):
     (tmp_path / "app.py").write_text(APP)
     result = run_cli(["app:Root", "--port", "0", "--certfile", "missing.pem"], str(tmp_path))
