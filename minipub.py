@@ -1962,7 +1962,8 @@ class HeaderDict(dict):
     def __init__(self, items=()):
         super().__init__()
         self.names = {}
-        self.update(items)
+        if items:
+            self.update(items)
 
     def __setitem__(self, name, value):
         value = str(value)
@@ -2036,17 +2037,35 @@ class Request:
         self.method = environ["REQUEST_METHOD"]
         self.script_name = environ.get("SCRIPT_NAME", "")
         self.path_info = _utf8(environ.get("PATH_INFO", ""))
-        self.path = self.script_name + self.path_info
         self.query_string = environ.get("QUERY_STRING", "")
-        self.remote_addr = environ.get("REMOTE_ADDR", "")
-        self.scheme = environ.get("wsgi.url_scheme", "http")
-        self.host = environ.get("HTTP_HOST") or "%s:%s" % (
-            environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "80"))
-        self.body = environ["wsgi.input"]
         self.params, self.hooks = {}, _NO_HOOKS
         base = app.config
         self.config, self.show_tracebacks = base, base["request.show_tracebacks"]
-        _apply_forwarded(self, base["server.trusted_proxies"])
+        if base["server.trusted_proxies"]:
+            _apply_forwarded(self, base["server.trusted_proxies"])
+
+    # What a handler may never look at is worked out when it does (a proxy tool may set them).
+    @cached_property
+    def path(self) -> str:
+        return self.script_name + self.path_info
+
+    @cached_property
+    def remote_addr(self) -> str:
+        return self.environ.get("REMOTE_ADDR", "")
+
+    @cached_property
+    def scheme(self) -> str:
+        return self.environ.get("wsgi.url_scheme", "http")
+
+    @cached_property
+    def host(self) -> str:
+        env = self.environ
+        return env.get("HTTP_HOST") or "%s:%s" % (env.get("SERVER_NAME", "localhost"), env.get("SERVER_PORT", "80"))
+
+    @cached_property
+    def body(self):
+        """The request body, a stream (``wsgi.input``)."""
+        return self.environ["wsgi.input"]
 
     @property
     def base(self) -> str:
@@ -2296,7 +2315,7 @@ class Application:
         self.sections = {path: {key: _check_key(key, value, "[%s]" % path) for key, value in keys.items()}
                          for path, keys in sections.items()}
         self._paths = sorted(self.sections, key=lambda p: (p != "/", p.count("/"), p))  # shallow first
-        self._plans, self._version, self._base = {}, None, None
+        self._plans, self._routes, self._version, self._base = {}, {}, None, None
         _trusted_networks(self.config["server.trusted_proxies"])  # a bad entry fails here, not per request
         for path in self._paths:
             self._check_static(path)
@@ -2310,6 +2329,7 @@ class Application:
             base.update(self.own)
             self._base, self._version = base, config.version
             self._plans.clear()
+            self._routes.clear()
         return self._base
 
     def __call__(self, environ, start_response):
@@ -2358,9 +2378,13 @@ class Application:
         resolve = getattr(root, "_minipub_resolve", None)
         if resolve is not None:  # VirtualHost picks the tree by host
             root = resolve(req)
-        handler, args, trail, req.is_index = find_handler(root, req.path_info)
-        method, allowed = _method_handler(handler, req.method)
-        plan = self._plan(req.path_info, trail, handler, method, req.is_index)
+        key = (id(root), req.path_info, req.method)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._route(root, req.path_info, req.method)
+            if route[5] is not None and len(self._routes) < 4096:  # bounded; a 404 is never kept
+                self._routes[key] = route
+        method, args, req.is_index, allowed, plan, handler, bare = route
         req.config, req.hooks, req.show_tracebacks = plan.config, plan.hooks, plan.tracebacks
         if plan.allow and allowed:  # request.dispatch = MethodDispatcher(): Allow on every answer
             resp.headers["Allow"] = ", ".join(allowed)
@@ -2374,17 +2398,25 @@ class Application:
         if hooks:
             _run(hooks, "before_handler")
         if req.handler is method and method is not None:
-            resp.body = method(*args, **_bind(method, args, query, req.params))
+            resp.body = method() if bare and not req.params else method(*args, **_bind(method, args, query,
+                                                                                          req.params))
         elif req.handler is not None:
             resp.body = req.handler()
         if hooks:
             _run(hooks, "before_finalize")
         return _body_of(resp.body, resp)
 
+    def _route(self, root, path, verb):
+        """What answers ``verb`` on ``path``, worked out once per path: the tree is walked at the
+        first request (objects added under a path already answered by a ``default`` are not seen)."""
+        handler, args, trail, is_index = find_handler(root, path)
+        method, allowed = _method_handler(handler, verb)
+        plan = self._plan(path, trail, handler, method, is_index)
+        bare = method is not None and not args and not _spec(method)[1]  # takes nothing: call it so
+        return method, tuple(args), is_index, allowed, plan, handler, bare
+
     def _plan(self, path, trail, handler, method, is_index):
         """The cached _Plan of this route: its sections, the walked nodes, handler and method."""
-        if self._version != config.version:
-            self.config  # noqa: B018 - minipub.config changed: merge again
         sections = () if not self._paths else tuple(
             p for p in self._paths if p == "/" or path == p or path.startswith(p + "/"))
         route = (handler is not None and is_index, path[-1:] == "/")
