@@ -2267,7 +2267,7 @@ class Response:
         if "cookie" in self.__dict__:  # SimpleCookie output: checked like any field
             fields += [("Set-Cookie", HeaderDict([("Set-Cookie", m.OutputString())])["Set-Cookie"])
                        for m in self.cookie.values()]
-        length = headers.get("content-length")
+        length = dict.get(headers, "content-length")
         if length is not None and not (length.isdigit() and length.isascii()):
             raise ValueError("invalid Content-Length %r" % (length,))
         # PEP 3333 wants a plain list, so the mark that it was checked is kept beside it.
@@ -2361,7 +2361,11 @@ class Application:
             except HTTPRedirect as redirect:
                 self.redirect(req, resp, redirect)
             except HTTPError as err:
-                self.error(req, resp, err.status, err.message, err.headers)
+                detail = None
+                if req.show_tracebacks:  # as CherryPy: where it was raised helps while developing
+                    import traceback
+                    detail = traceback.format_exc()
+                self.error(req, resp, err.status, err.message, err.headers, detail)
             # As CherryPy: a redirect or error page is finalized too (a session is saved on a redirect).
             _run_safely(req, "before_finalize")
             return resp.body
@@ -2801,8 +2805,8 @@ def _query_params(query: str) -> dict:
 
 
 def _body_params(req) -> dict:
-    ctype = req.environ.get("CONTENT_TYPE", "")
-    kind = ctype.partition(";")[0].strip(" \t").lower()
+    ctype = req.environ.get("CONTENT_TYPE")
+    kind = ctype and ctype.partition(";")[0].strip(" \t").lower()
     if not kind:
         return {}
     length, cap = req.environ.get("CONTENT_LENGTH"), req.config["server.max_request_body_size"]

@@ -1872,6 +1872,71 @@ def test_engine_start_and_block_serve_the_tree_in_process(process_config):
         minipub.tree.apps.update(saved)
 
 
+# -- CherryPy's own tutorials, with only the import line changed ---------------------
+# The programs are read from the installed CherryPy package (a test-only dependency; never
+# copied here) and run in-process; each expectation was recorded by running the same
+# program on CherryPy 18.10.
+
+def _cherrypy_tutorial(name, monkeypatch):
+    cherrypy = pytest.importorskip("cherrypy")
+    folder = os.path.join(os.path.dirname(cherrypy.__file__), "tutorial")
+    source = open(os.path.join(folder, name + ".py"), encoding="utf-8").read()
+    source = source.replace("import cherrypy\n", "import minipub as cherrypy\n")
+    source = source.replace("from cherrypy.lib import static", "from minipub.lib import static")
+    mounted = {}
+    monkeypatch.setattr(minipub, "quickstart", lambda root=None, script_name="", config=None:
+                        mounted.update(root=root, script_name=script_name, config=config))
+    code = compile(source, os.path.join(folder, name + ".py"), "exec")
+    exec(code, {"__name__": "__main__", "__file__": os.path.join(folder, name + ".py")})
+    tree = minipub.Tree()
+    tree.mount(mounted["root"], mounted["script_name"], mounted["config"])
+    return minipub.TestClient(tree)
+
+
+@pytest.mark.parametrize("name, requests", [
+    ("tut01_helloworld", [("/", 200, b"Hello world!")]),
+    ("tut02_expose_methods", [("/", 200, b"important message"), ("/show_msg", 200, b"Hello world!")]),
+    ("tut03_get_and_post", [("/greetUser?name=Bob", 200, b"Hey Bob, what's up?"), ("/greetUser", 200, b"enter your name"),
+                            ("/greetUser?name=", 200, b"No, really"), ("/greetUser?x=1", 404, b"x")]),
+    ("tut04_complex_site", [("/", 200, b"home page"), ("/joke/", 200, b"Read a Perl file!"), ("/links/extra/", 200, b"extra"),
+                            ("/links", 301, b"")]),
+    ("tut05_derived_objects", [("/", 200, b"Tutorial 5"), ("/another/", 200, b"Another Page"), ("/another", 301, b"")]),
+    ("tut06_default_method", [("/", 200, b"Remi Delon"), ("/remi", 200, b"Remi Delon"), ("/nobody", 200, b"Unknown")]),
+    ("tut08_generators_and_yield", [("/", 200, b"Lorenzo Lamas")]),
+    ("tut09_files", [("/", 200, b"Upload a file"), ("/download", 200, b"%PDF")]),
+    ("tut10_http_errors", [("/", 200, b"Toggle tracebacks"), ("/error?code=403", 403, b"You can't do that!"),
+                           ("/error?code=402", 402, b"402"), ("/messageArg", 500, b"argument"),
+                           ("/doesNotExist", 404, b"404")]),
+])
+def test_cherrypy_tutorials_run_unchanged(name, requests, monkeypatch):
+    client = _cherrypy_tutorial(name, monkeypatch)
+    try:
+        for path, status, text in requests:
+            answer = client.get(path)
+            assert answer.status == status, (path, answer.status, answer.body[:200])
+            assert text in answer.body, (path, answer.body[:300])
+            if status == 200 and text != b"%PDF":
+                assert answer.headers["Content-Type"] == "text/html; charset=utf-8"
+    finally:
+        minipub.config.reset()
+
+
+def test_cherrypy_tutorial_files_upload_download_and_error_toggle(monkeypatch):
+    client = _cherrypy_tutorial("tut09_files", monkeypatch)
+    answer = client.post("/upload", files={"myFile": ("notes.txt", b"x" * 20000, "text/plain")})
+    assert answer.status == 200 and b"myFile length: 20000" in answer.body and b"notes.txt" in answer.body
+    answer = client.get("/download")
+    assert answer.headers["Content-Type"] == "application/x-download"
+    assert answer.headers["Content-Disposition"].startswith('attachment; filename="pdf_file.pdf"')
+    client = _cherrypy_tutorial("tut10_http_errors", monkeypatch)
+    try:
+        assert b"<pre></pre>" in client.get("/error?code=403").body  # no traceback by default (see README)
+        assert client.get("/toggleTracebacks").status == 303
+        assert b"Traceback" in client.get("/error?code=500").body  # CherryPy's global config, toggled at run time
+    finally:
+        minipub.config.reset()
+
+
 def textwrap_dedent(text):
     import textwrap
     return textwrap.dedent(text)
