@@ -1834,8 +1834,8 @@ def test_engine_callbacks_and_a_failing_start_callback(tmp_path):
     env = dict(os.environ, PYTHONPATH=HERE)
     failed = subprocess.run([sys.executable, "app.py", str(free_port()), "fail"], cwd=str(tmp_path), env=env,
                             capture_output=True, text=True, timeout=20)
-    assert failed.returncode == 2 and "started" not in failed.stdout
-    assert failed.stderr.strip().count("\n") == 0 and "ZeroDivisionError" in failed.stderr
+    assert failed.returncode == 2 and "started" not in failed.stdout, (failed.stdout, failed.stderr)
+    assert failed.stderr.strip().count("\n") == 0 and "ZeroDivisionError" in failed.stderr, failed.stderr
     port = free_port()
     proc = subprocess.Popen([sys.executable, "app.py", str(port)], cwd=str(tmp_path), env=env,
                             stdout=subprocess.PIPE, text=True)
