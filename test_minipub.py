@@ -331,7 +331,7 @@ def test_small_response_is_one_write(serve, monkeypatch):
 
 def test_idle_server_sleeps_without_timeout(serve):
     server = serve(hello_app)
-    assert server._next_timeout() is None  # select() blocks forever: no periodic wake-ups
+    assert server._poll.next_timeout() is None  # select() blocks forever: no periodic wake-ups
     names = {t.name for t in threading.enumerate()}
     assert names >= {"minipub-watch", "minipub-0"}  # one worker until load needs more
     assert sum(n.startswith("minipub-") for n in names) == 2
