@@ -1706,7 +1706,8 @@ class _Exchange:
                     result.close()
         except (_ClientGone, _Timeout, ProtocolError):
             raise
-        except Exception:
+        except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
+            # own stop is a flag, never an exception, so this one request fails, not the worker
             _logger().exception("Error answering %s %s", self.head.method, self.head.target)
             self.fail(500, None)
 
@@ -1768,8 +1769,10 @@ class _Exchange:
             self.send_head(b"")
             if not self.no_body and self.length:
                 offset = result.offset or result.filelike.tell()
-                self.server.sendfile(self.conn, result.filelike, offset, self.length)
-                self.sent = self.length
+                self.sent = self.server.sendfile(self.conn, result.filelike, offset, self.length)
+                if self.sent < self.length:  # it shrank meanwhile; write_end() closes the connection
+                    _logger().warning("%s: the file ended after %d of %d bytes; connection closed",
+                                      self.head.target, self.sent, self.length)
         else:
             for chunk in result:
                 self.write(chunk)
@@ -3001,13 +3004,32 @@ class Part:
         return "" if name in ("", ".", "..") else name
 
     def _write(self, data) -> None:
-        if self._temp is None and self.size + len(data) > self._spool:
-            import tempfile
-            fd, self._temp = tempfile.mkstemp(prefix="minipub-upload-")
-            memory, self.file = self.file, os.fdopen(fd, "w+b")
-            self.file.write(memory.getbuffer())
-        self.file.write(data)
+        try:
+            if self._temp is None and self.size + len(data) > self._spool:
+                import tempfile
+                fd, self._temp = tempfile.mkstemp(prefix="minipub-upload-")
+                memory, self.file = self.file, os.fdopen(fd, "w+b")
+                self.file.write(memory.getbuffer())
+            self.file.write(data)
+        except OSError as exc:
+            self._spool_failed(exc)
         self.size += len(data)
+
+    def _rewind(self) -> None:
+        try:
+            self.file.seek(0)  # flushes the temporary file: a full disk may show only now
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError):
+        """The temporary directory is full (507) or unusable (503): say which, keep nothing."""
+        import errno
+        import tempfile
+        _logger().error("upload of %r refused: cannot write to the temporary directory %s: %s",
+                        self.filename, tempfile.gettempdir(), exc.strerror or exc)
+        self.close()
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise HTTPError(507 if full else 503, "No room to store the upload; try again later.") from None
 
     def save(self, path: str) -> None:
         """Store the content at ``path``: a rename when the temporary file is on that filesystem."""
@@ -3029,10 +3051,14 @@ class Part:
 
     def close(self) -> None:
         """Close the content and delete its temporary file (done when the request ends)."""
-        self.file.close()
-        if self._temp is not None:
-            os.unlink(self._temp)
-            self._temp = None
+        try:
+            self.file.close()  # may flush into a full disk: the file goes all the same
+        except OSError:
+            pass
+        finally:
+            if self._temp is not None:
+                os.unlink(self._temp)
+                self._temp = None
 
 
 class _Blocks:
@@ -3149,7 +3175,7 @@ def parse_multipart(req, content_type: str) -> dict:
                 part = Part(name, filename, ctype, config["request.upload_spool_size"])
                 parts.append(part)
                 blocks.until(delimiter, part._write)
-                part.file.seek(0)
+                part._rewind()
                 pairs.append((name, part))
         while req.body.read(_BLOCK):
             pass
