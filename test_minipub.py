@@ -835,6 +835,46 @@ def test_application_is_valid_wsgi():
     assert call_app(app, path="/missing")[0] == 404
 
 
+@pytest.fixture
+def minipub_logs():
+    """Records of minipub's error (WARNING and up) and access loggers, whatever configure_logging did."""
+    records, loggers = [], [(logging.getLogger("minipub.error"), logging.WARNING),
+                            (logging.getLogger("minipub.access"), logging.INFO)]
+    handlers = []
+    for logger, level in loggers:
+        handler = logging.Handler(level)
+        handler.emit = records.append
+        handlers.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(min(level, logger.level or level))
+    yield records
+    for logger, handler, level in handlers:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_a_file_that_shrinks_while_sent_closes_and_logs_the_real_count(serve, tls, tmp_path, minipub_logs,
+                                                                       secure):
+    path = tmp_path / "rotating.log"
+    path.write_bytes(b"x" * 2000000)
+
+    def app(environ, start_response):
+        f = open(str(path), "rb")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2000000")])
+        os.truncate(str(path), 300000)  # rotated between the stat and the send
+        return environ["wsgi.file_wrapper"](f)
+    tls = tls if secure else None
+    server = serve(app, **(_tls_options(tls) if secure else {}))
+    with _connect(server.port, tls) as sock:
+        sock.sendall(b"GET /log HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: only a close ends the wait
+        raw, closed = recv_until_close(sock, timeout=5)
+    assert closed and len(raw.partition(b"\r\n\r\n")[2]) == 300000
+    messages = [r.getMessage() for r in minipub_logs]
+    assert "/log: the file ended after 300000 of 2000000 bytes; connection closed" in messages
+    assert [m for m in messages if m.endswith('"GET /log HTTP/1.1" 200 300000')]
+
+
 # ===========================================================================
 # Application and dispatch
 # ===========================================================================
@@ -2152,6 +2192,22 @@ def test_static_range_over_tls_uses_the_fallback_loop(serve, site, tmp_path):
         server.stop(10)
 
 
+@pytest.mark.parametrize("pause", [False, True], ids=["fast", "pausing"])
+def test_static_20mb_over_https_arrives_byte_exact(serve, site, tls, pause):
+    """The TLS file loop used sendall() on a non-blocking socket: a full buffer ended the download."""
+    data = os.urandom(20000000)
+    (site / "static" / "big.bin").write_bytes(data)
+    server = serve(static_app(site), **_tls_options(tls))
+    with _connect(server.port, tls) as sock:
+        sock.sendall(b"GET /static/big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        if pause:
+            threading.Event().wait(0.5)  # the client reads nothing for a while: the server's sends block
+        raw, closed = recv_until_close(sock, timeout=30)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    size, same = len(body), hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+    assert closed and b"Content-Length: 20000000\r\n" in head and (size, same) == (20000000, True)
+
+
 TRAVERSALS = [
     "/static/../static-secret/secret.txt",
     "/static/..%2fstatic-secret/secret.txt",
@@ -2443,6 +2499,33 @@ def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads, 
         time.sleep(0.01)
     assert curl_body("http://127.0.0.1:%d/up" % port) == b"{}"  # one worker: the first request is over
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a gone client is no handler bug
+
+
+def test_upload_into_a_full_directory_is_507_and_leaves_nothing(serve, tmp_path, monkeypatch, minipub_logs):
+    import tempfile
+    full = tmp_path / "full"
+    full.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                             capture_output=True, timeout=20)
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here: %s" % mounted.stderr.decode().strip())
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(full))
+        port = serve(upload_app(tmp_path, {"request.upload_spool_size": 64 * 1024})).port
+        fds = _fd_count()
+        body = (b"--B\r\nContent-Disposition: form-data; name=\"f\"; filename=\"big.bin\"\r\n\r\n"
+                + os.urandom(1024 * 1024) + b"\r\n--B--\r\n")
+        raw = exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert raw.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n")
+        assert os.listdir(str(full)) == [] and wait_until(lambda: _fd_count() <= fds)
+        errors = [r.getMessage() for r in minipub_logs if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and str(full) in errors[0] and "No space left" in errors[0], errors
+        assert not [r for r in minipub_logs if r.exc_info]
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True, timeout=20)
 
 
 # ===========================================================================
