@@ -234,11 +234,11 @@ class _Timeout(Exception):
 # ===========================================================================
 # Server: accept, poll, workers
 # Contract: all socket I/O lives in this section, in three roles behind the
-# Server facade.  _PollRole owns the selector, the listening socket and every
-# connection that is *waiting*: for its TLS handshake, for the rest of its
-# request head, idle between keep-alive requests, or lingering before close;
-# it never blocks on a client, so slow or silent clients cost a file
-# descriptor, not a thread.  _Pool is the bounded set of worker threads: the
+# Server facade.  _PollRole owns the selector, the listening socket (through
+# its _Acceptor) and every connection that is *waiting*: for its TLS
+# handshake, for the rest of its request head, idle between keep-alive
+# requests, or lingering before close; it never blocks on a client, so slow
+# or silent clients cost a file descriptor, not a thread.  _Pool is the bounded set of worker threads: the
 # one holding the poll role polls, and connections whose head is complete go
 # to a queue which the same worker then serves (body, WSGI application,
 # response) before polling again: under the GIL a request that never changes
@@ -352,6 +352,32 @@ class _Conn:
             except OSError:
                 raise _ClientGone() from None
 
+    def shut(self, answer: bytes = b"") -> bool:
+        """Lingering close, first step: send ``answer`` if the socket takes it at once, then stop
+        sending.  Closing with unread input would send a reset, which can destroy the answer."""
+        self.lingering = True
+        try:
+            self.sock.send(answer) if answer else None
+        except OSError:
+            pass
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False  # gone already: just close
+        return True
+
+    def drained(self) -> bool:
+        """Lingering close: read and drop what the peer still sends; True once it closed."""
+        try:
+            for _ in range(64):
+                if not self.sock.recv(_RECV):
+                    return True
+        except self.want:
+            return False
+        except OSError:
+            return True
+        return False  # a fast sender: more next round, until the linger deadline
+
     def sendfile(self, file, offset: int, count: int) -> int:
         """Send ``count`` bytes of ``file`` from ``offset``; returns how many were sent: fewer when
         the file shrank meanwhile (log rotation, a deploy).  Zero-copy on plain sockets."""
@@ -374,8 +400,100 @@ class _Conn:
             self.sock.setblocking(False)
 
 
+class _Acceptor:
+    """The listening socket, run by the poll role: accept() new connections and start them off.
+
+    accept(2) errors that concern one client (ECONNABORTED, EPROTO ...) are skipped; out of
+    descriptors (EMFILE, ENFILE) every accept() would fail at once, so the listener leaves the
+    selector (a busy loop otherwise) until a connection closes or _PAUSE passes, with one warning
+    per episode; EBADF or EINVAL mean the listening socket itself is gone: the server stops.
+    """
+
+    def __init__(self, poll, sock):
+        self.poll, self.sock, self.server, self.config = poll, sock, poll.server, poll.config
+        self.listening, self.paused = True, None  # paused: [retry at, failed accepts, since, open connections]
+        poll.sel.register(sock, selectors.EVENT_READ, _ACCEPT)
+
+    def accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                return self._failed(exc)
+            conn = _Conn(sock, addr, self.server)
+            try:
+                self._adopt(conn)
+            except Exception as exc:
+                self.poll.failed(conn, exc)
+
+    def _adopt(self, conn):
+        poll = self.poll
+        if len(poll.conns) >= self.config["server.max_connections"]:
+            return self._refuse(conn.sock)
+        poll.conns.add(conn)
+        conn.parser, conn.late = RequestParser(self.config), self.server._stopping
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.setblocking(False)
+        if conn.tls:
+            # Since the CVE-2023-40217 fix wrap_socket() reads one byte: a reset raises here.
+            conn.sock = poll.ssl_context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+            poll.wait(conn, "head")
+        # Loopback and LAN clients have usually sent their request by now:
+        # reading at once skips a registration and a trip through select().
+        poll.readable(conn)
+
+    def _refuse(self, sock):
+        try:
+            sock.send(_simple_response(503, "Too many connections; try again later.\n"))
+        except OSError:
+            pass
+        sock.close()
+
+    def _failed(self, exc):
+        import errno
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            return self._pause(exc)
+        if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT):
+            self.stop()
+            return self.server._fail("the listening socket failed: %s" % (exc,))
+        _logger().debug("accept failed: %s", exc)  # that client is gone already
+
+    def _pause(self, exc):
+        if self.paused is None:
+            _logger().warning("cannot accept connections: %s (%d open); pausing accept until one closes",
+                              exc.strerror, len(self.poll.conns))
+            self.paused = [0.0, 0, time.monotonic(), 0]
+        self._unlisten()
+        self.paused[0], self.paused[3] = time.monotonic() + _PAUSE, len(self.poll.conns)
+        self.paused[1] += 1
+
+    def retry(self) -> None:
+        """While paused: accept again once a connection closed or the pause is over."""
+        if time.monotonic() < self.paused[0] and len(self.poll.conns) >= self.paused[3]:
+            return
+        self.poll.sel.register(self.sock, selectors.EVENT_READ, _ACCEPT)
+        self.listening = True
+        self.accept()
+        if self.listening:  # accepted, or nobody waiting: the episode is over
+            _logger().warning("accepting connections again after %.1f s (%d accept attempts failed)",
+                              time.monotonic() - self.paused[2], self.paused[1])
+            self.paused = None
+
+    def stop(self) -> None:
+        """Accept no more (the socket stays open until the server closes it)."""
+        self._unlisten()
+        self.paused = None
+
+    def _unlisten(self):
+        if self.listening:
+            self.listening = False
+            self.poll.sel.unregister(self.sock)
+
+
 class _PollRole:
-    """The selector, the listening socket and every waiting connection, with their deadlines.
+    """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
 
     Only the worker holding the pool's poll lock calls in, so it needs no locks of its own;
     serving threads hand connections back through ``handback`` and the wake pipe.  What one
@@ -385,21 +503,20 @@ class _PollRole:
     """
 
     def __init__(self, server, sock):
-        self.server, self.config, self.sock = server, server.config, sock
+        self.server, self.config = server, server.config
         self.ssl_context, self.want = server.ssl_context, server._want
         self.conns, self.pending = server._conns, server._pending
         self.waiting, self.handback = {}, deque()
         self.timers = {"head": deque(), "keepalive": deque(), "linger": deque()}
         self.sleeping = self.broken = False
-        self.listening, self.polls, self.pool = True, 0, None
-        self.paused = None  # out of descriptors: [retry at, failed accepts, since, open connections]
+        self.polls, self.pool = 0, None
         self.drain_until = None  # set by the first round after stop()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.sel = selectors.DefaultSelector()
-        self.sel.register(sock, selectors.EVENT_READ, _ACCEPT)
         self.sel.register(self.wake_r, selectors.EVENT_READ, _WAKE)
+        self.listener = _Acceptor(self, sock)
 
     def round(self, cap: float = None) -> None:
         """One select() (at most ``cap`` long) and what it found; the caller holds the poll lock."""
@@ -419,16 +536,18 @@ class _PollRole:
             self.pool.watch_event.set()  # traffic again: the watchdog resumes its ticks
         for key, _ in events:
             if key.data is _ACCEPT:
-                self._accept()
+                self.listener.accept()
             elif key.data is not _WAKE:
                 try:
-                    self._readable(key.data)
+                    self.readable(key.data)
                 except Exception as exc:
                     self.failed(key.data, exc)
         self._take_back()
         self._expire()
-        if self.paused is not None and (time.monotonic() >= self.paused[0] or len(self.conns) < self.paused[3]):
-            self._retry_accept()
+        if self.listener.paused is not None:
+            self.listener.retry()
+        if self.server._stopping and self._drained():
+            self.pool.exit()
 
     def wake(self) -> None:
         try:
@@ -444,79 +563,6 @@ class _PollRole:
             _logger().error("internal error handling the connection from %s; closed it", conn.addr, exc_info=exc)
         self.drop(conn)
 
-    # -- accepting ------------------------------------------------------------
-    def _accept(self):
-        for _ in range(64):
-            try:
-                sock, addr = self.sock.accept()
-            except self.want:
-                return
-            except OSError as exc:
-                return self._accept_failed(exc)
-            conn = _Conn(sock, addr, self.server)
-            try:
-                self._adopt(conn)
-            except Exception as exc:
-                self.failed(conn, exc)
-
-    def _adopt(self, conn):
-        if len(self.conns) >= self.config["server.max_connections"]:
-            return self._refuse(conn.sock)
-        self.conns.add(conn)
-        conn.parser, conn.late = RequestParser(self.config), self.server._stopping
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sock.setblocking(False)
-        if conn.tls:
-            # Since the CVE-2023-40217 fix wrap_socket() reads one byte: a reset raises here.
-            conn.sock = self.ssl_context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
-            self.wait(conn, "head")
-        # Loopback and LAN clients have usually sent their request by now:
-        # reading at once skips a registration and a trip through select().
-        self._readable(conn)
-
-    def _refuse(self, sock):
-        try:
-            sock.send(_simple_response(503, "Too many connections; try again later.\n"))
-        except OSError:
-            pass
-        sock.close()
-
-    def _accept_failed(self, exc):
-        import errno
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            return self._pause(exc)
-        if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT):
-            self._unlisten()  # the listening socket itself is unusable
-            self.paused = None
-            return self.server._fail("the listening socket failed: %s" % (exc,))
-        # ECONNABORTED, EPROTO, ENETDOWN...: accept(2) reports a client already gone.
-        _logger().debug("accept failed: %s", exc)
-
-    def _pause(self, exc):
-        """Out of descriptors: every accept() would fail at once, so stop polling the listener
-        (a busy loop otherwise) until a connection closes or _PAUSE passes; one warning each time."""
-        if self.paused is None:
-            _logger().warning("cannot accept connections: %s (%d open); pausing accept until one closes",
-                              exc.strerror, len(self.conns))
-            self.paused = [0.0, 0, time.monotonic(), 0]
-        self._unlisten()
-        self.paused[0], self.paused[3] = time.monotonic() + _PAUSE, len(self.conns)
-        self.paused[1] += 1
-
-    def _retry_accept(self):
-        self.sel.register(self.sock, selectors.EVENT_READ, _ACCEPT)
-        self.listening = True
-        self._accept()
-        if self.listening:  # accepted, or nobody waiting: the episode is over
-            _logger().warning("accepting connections again after %.1f s (%d accept attempts failed)",
-                              time.monotonic() - self.paused[2], self.paused[1])
-            self.paused = None
-
-    def _unlisten(self):
-        if self.listening:
-            self.listening = False
-            self.sel.unregister(self.sock)
-
     # -- waiting connections --------------------------------------------------
     def wait(self, conn, kind):
         timeout = _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
@@ -531,10 +577,10 @@ class _PollRole:
         conn.deadline = None
         self.sel.unregister(conn.sock)
 
-    def _readable(self, conn, idle="head"):
+    def readable(self, conn, idle="head"):
         """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
         if conn.lingering:
-            return self._drain_lingering(conn)
+            return self.drop(conn) if conn.drained() else None
         if conn.handshaking and not self._handshake(conn):
             return
         try:
@@ -589,16 +635,7 @@ class _PollRole:
             return False
         except (ssl.SSLError, OSError) as exc:
             if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
-                try:
-                    fd = conn.sock.fileno()
-                    os.write(fd, _simple_response(400, "This port speaks HTTPS; use an https:// URL.\n"))
-                    # ssl read only the first bytes; closing with the rest unread
-                    # would send a RST that can destroy the 400 before it is read.
-                    for _ in range(16):  # bounded: the poll role must not be held
-                        if not os.read(fd, _RECV):
-                            break
-                except OSError:  # BlockingIOError ends the drain
-                    pass
+                _answer_plain_http(conn.sock.fileno())
             return self.drop(conn)
         conn.handshaking = False
         self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
@@ -606,33 +643,13 @@ class _PollRole:
 
     def reject(self, conn, err):
         """Answer an error from the poll role (non-blocking), then close without a reset."""
-        try:
-            conn.sock.send(_simple_response(err.status, err.message))
-        except OSError:
-            pass
-        self.linger(conn)
+        self.linger(conn, _simple_response(err.status, err.message))
 
-    def linger(self, conn):
-        """Close without a reset: stop sending, then read and drop what still comes."""
-        conn.lingering = True
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return self.close(conn)
-        self.wait(conn, "linger")
-
-    def _drain_lingering(self, conn):
-        try:
-            for _ in range(64):
-                if not conn.sock.recv(_RECV):
-                    break
-            else:
-                return  # a fast sender: more next round, until the linger deadline
-        except self.want:
-            return
-        except OSError:
-            pass
-        self.drop(conn)
+    def linger(self, conn, answer: bytes = b""):
+        if conn.shut(answer):
+            self.wait(conn, "linger")
+        else:
+            self.close(conn)
 
     def drop(self, conn):
         if self.waiting.pop(conn, None) is not None:
@@ -670,13 +687,14 @@ class _PollRole:
         elif self.server._stopping:
             self.close(conn)  # idle between requests: closing is allowed
         elif conn.tls and conn.sock.pending():
-            self._readable(conn, "keepalive")  # decrypted bytes select() cannot see
+            self.readable(conn, "keepalive")  # decrypted bytes select() cannot see
         else:
             self.wait(conn, "head" if conn.parser.buffered else "keepalive")
 
     # -- deadlines ------------------------------------------------------------
     def next_timeout(self):
-        soonest = None if self.paused is None else self.paused[0]
+        paused = self.listener.paused
+        soonest = None if paused is None else paused[0]
         for timers in self.timers.values():
             while timers and timers[0][1].deadline != timers[0][0]:
                 timers.popleft()  # stale: that connection moved on
@@ -712,8 +730,7 @@ class _PollRole:
         if self.drain_until is None:
             self.drain_until = now + min(1.0, self.config["server.head_timeout"])
             if _CHILD is not None:
-                self._unlisten()
-                self.paused = None
+                self.listener.stop()
         late = now >= self.drain_until
         for conn in [c for c, kind in self.waiting.items() if kind == "keepalive" or (late and kind == "head")]:
             self.drop(conn)
@@ -722,7 +739,7 @@ class _PollRole:
         """The connections a worker is serving or about to serve."""
         return [conn for conn in list(self.conns) if conn not in self.waiting]
 
-    def drained(self) -> bool:
+    def _drained(self) -> bool:
         """Nothing left to serve (lingering closes do not hold up the stop)."""
         if self.pending or self.busy():
             return False
@@ -733,7 +750,7 @@ class _PollRole:
         for conn in list(self.conns):
             self.close(conn)
         self.sel.close()
-        for sock in (self.sock, self.wake_r, self.wake_w):
+        for sock in (self.listener.sock, self.wake_r, self.wake_w):
             sock.close()
 
 
@@ -1034,7 +1051,7 @@ class Server:
         _logger().info("stopping: waiting up to %g s for %d requests", timeout, len(poll.busy()))
         deadline = time.monotonic() + timeout
         poll.wake()
-        while not (self._abandon or pool.exiting or poll.drained() or time.monotonic() >= deadline):
+        while not (self._abandon or pool.exiting or time.monotonic() >= deadline):
             if pool.poll_lock.acquire(timeout=_STOP_ROUND):  # drive the drain if no worker does
                 pool.lead()
         pool.exit()
@@ -1060,6 +1077,19 @@ class Server:
     def sendfile(self, conn, file, offset: int, count: int) -> int:
         """``count`` bytes of ``file`` from ``offset``; returns how many were sent (fewer if it shrank)."""
         return conn.sendfile(file, offset, count)
+
+
+def _answer_plain_http(fd: int) -> None:
+    """Tell a plain-HTTP client on the TLS port what is wrong, bypassing ssl (non-blocking)."""
+    try:
+        os.write(fd, _simple_response(400, "This port speaks HTTPS; use an https:// URL.\n"))
+        # ssl read only the first bytes; closing with the rest unread
+        # would send a RST that can destroy the 400 before it is read.
+        for _ in range(16):  # bounded: the poll role must not be held
+            if not os.read(fd, _RECV):
+                break
+    except OSError:  # BlockingIOError ends the drain
+        pass
 
 
 def _fit_descriptors(config: dict) -> None:

@@ -464,17 +464,17 @@ def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records
     assert not [r.getMessage() for r in error_records]
 
 
-@pytest.mark.parametrize("where", ["_adopt", "_pull"])
-def test_a_fault_in_the_poll_role_drops_only_that_connection(serve, monkeypatch, error_records, where):
+@pytest.mark.parametrize("cls,where", [("_Acceptor", "_adopt"), ("_PollRole", "_pull")])
+def test_a_fault_in_the_poll_role_drops_only_that_connection(serve, monkeypatch, error_records, cls, where):
     server = serve(hello_app)
-    real, calls = getattr(minipub._PollRole, where), []
+    real, calls = getattr(getattr(minipub, cls), where), []
 
     def faulty(self, conn, *args):
         calls.append(conn)
         if len(calls) == 1:
             raise RuntimeError("injected fault")
         return real(self, conn, *args)
-    monkeypatch.setattr(minipub._PollRole, where, faulty)
+    monkeypatch.setattr(getattr(minipub, cls), where, faulty)
     ok = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert exchange(server.port, ok) == b""  # closed without an answer
     assert responses(exchange(server.port, ok))[0][2] == b"hello "
