@@ -433,7 +433,7 @@ class _Acceptor:
         if len(poll.conns) >= self.config["server.max_connections"]:
             return self._refuse(conn.sock)
         poll.conns.add(conn)
-        conn.parser, conn.late = RequestParser(self.config), self.server._stopping
+        conn.parser, conn.late = RequestParser(self.config), poll.drain_until is not None  # see _drain
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.setblocking(False)
         if conn.tls:
