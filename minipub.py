@@ -949,9 +949,9 @@ class Server:
         """Serve in this thread until stop(), Ctrl-C or SIGTERM (a second one stops at once).
         If the listening socket fails, logs one error line and raises SystemExit(1)."""
         self._prepare()
-        self._launch()
-        restore = self._install_signals()
+        restore = self._install_signals()  # before the first request: a SIGTERM may follow it at once
         try:
+            self._launch()
             self._watch()
         finally:
             restore()
@@ -962,6 +962,8 @@ class Server:
         """Stop accepting, let in-flight requests finish, close everything."""
         self._stopping = True
         self._wake()
+        if self._pool is not None:
+            self._pool.watch_event.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -1024,14 +1026,12 @@ class Server:
         return lambda: [signal.signal(s, h) for s, h in old.items()]
 
     def _wake(self):
-        """Wake the poll role and the watchdog (the reloader's supervisor shares this)."""
+        """Wake the poll role, which wakes a parked watchdog (the reloader's supervisor shares this).
+        Safe in a signal handler: it takes no lock the interrupted thread may hold."""
         try:
             self._wake_w.send(b"\0")
         except (AttributeError, OSError):
             pass  # not started yet, or the pipe is full: a wake-up is pending anyway
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.watch_event.set()
 
     def _fail(self, what: str, exc: BaseException = None) -> None:
         """The listening socket (or the poll role itself) failed: one error line, then stop."""
@@ -1039,7 +1039,7 @@ class Server:
             self._failure = what
             _logger().error("%s; stopping", what, exc_info=exc)
         self._stopping = True
-        self._wake()
+        self._pool.watch_event.set()
 
     def _watch(self):
         self._pool.watch()

@@ -586,7 +586,7 @@ server.serve_forever()
         slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         assert proc.stdout.readline() == b"entered\n"
         proc.send_signal(signal.SIGTERM)
-        assert _child_logged(proc, "stopping: waiting up to 30 s for 1 requests")
+        assert _child_logged(proc, "stopping: waiting up to 30 s for 1 requests"), proc.lines
         with socket.create_connection(("127.0.0.1", port), timeout=5) as late:
             late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             late.settimeout(5)
