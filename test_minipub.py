@@ -482,6 +482,17 @@ def test_a_fault_in_the_poll_role_drops_only_that_connection(serve, monkeypatch,
     assert len(calls) >= 2 and server._thread.is_alive()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # CPython reports the decode
+def test_odd_bytes_in_the_sni_name_fail_that_handshake_only(serve, tls):
+    """CPython cannot decode a non-ASCII server_name for the SNI callback: that handshake fails."""
+    root = minipub.VirtualHost(default=_Site("main"), domains={"api.example.test": (_Site("api"), tls["api"],
+                                                                                    tls["api_key"])})
+    server = serve(minipub.Application(root), **_tls_options(tls))
+    for name in (b"\xff\xfe.test", b"a" * 255, b".."):
+        subprocess.run([b"openssl", b"s_client", b"-connect", b"127.0.0.1:%d" % server.port, b"-servername", name],
+                       input=b"", capture_output=True, timeout=20)
+    assert _get_over(server.port, tls).endswith(b"main") and server._thread.is_alive()
+
 def test_handler_sys_exit_is_a_500_and_the_workers_live_on(serve, error_records):
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/exit":
