@@ -746,10 +746,11 @@ class _PollRole:
         late = self.drain_until is not None and time.monotonic() >= self.drain_until
         return late or "head" not in self.waiting.values()
 
-    def close_all(self):
+    def close_all(self, selector: bool) -> None:
         for conn in list(self.conns):
             self.close(conn)
-        self.sel.close()
+        if selector:
+            self.sel.close()
         for sock in (self.listener.sock, self.wake_r, self.wake_w):
             sock.close()
 
@@ -1062,8 +1063,7 @@ class Server:
             head = conn.head
             _logger().warning("stopping: abandoned %s %s from %s", head.method if head else "a request",
                               head.target if head else "", conn.addr[0] if conn.addr else "-")
-        if pool.poll_lock.acquire(timeout=1.0):
-            poll.close_all()
+        poll.close_all(selector=pool.poll_lock.acquire(timeout=1.0))  # a stuck round keeps its selector
 
     # -- the I/O the WSGI bridge uses -----------------------------------------
     def recv(self, conn, timeout: float) -> None:
