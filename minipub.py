@@ -420,19 +420,23 @@ class _Timeout(Exception):
 
 # ===========================================================================
 # Server: accept, poll, workers
-# Contract: all socket I/O lives in this section.  A bounded pool of worker
-# threads shares one selector.  The worker holding the poll role owns the
-# listening socket and every connection that is *waiting*: for its TLS
-# handshake, for the rest of its request head, or idle between keep-alive
-# requests; it never blocks on a client, so slow or silent clients cost a file
-# descriptor, not a thread.  Connections whose head is complete go to a queue,
-# which the same worker then serves (body, WSGI application, response) before
-# polling again: under the GIL a request that never changes threads is the
-# fastest.  A watchdog ticks while there is traffic and wakes another worker
-# when the serving ones stop making progress (an application waiting on
-# something), so up to server.thread_pool requests run at once.  With nothing
-# to do one worker sleeps in select() without a timeout and the watchdog
-# sleeps too: an idle server makes no periodic wake-ups.
+# Contract: all socket I/O lives in this section, in three roles behind the
+# Server facade.  _PollRole owns the selector, the listening socket (through
+# its _Acceptor) and every connection that is *waiting*: for its TLS
+# handshake, for the rest of its request head, idle between keep-alive
+# requests, or lingering before close; it never blocks on a client, so slow
+# or silent clients cost a file descriptor, not a thread.  _Pool is the bounded set of worker threads: the
+# one holding the poll role polls, and connections whose head is complete go
+# to a queue which the same worker then serves (body, WSGI application,
+# response) before polling again: under the GIL a request that never changes
+# threads is the fastest.  Its watchdog ticks while there is traffic and wakes
+# another worker when the serving ones stop making progress (an application
+# waiting on something), so up to server.thread_pool requests run at once.
+# With nothing to do one worker sleeps in select() without a timeout and the
+# watchdog sleeps too: an idle server makes no periodic wake-ups.  _Conn is
+# one connection and the workers' I/O on it.  Whatever a client does (a reset
+# at any step, a half handshake, garbage) ends its own connection only; only
+# a failure of the listening socket stops the server, with one error line.
 # ===========================================================================
 
 _ACCEPT, _WAKE, _QUEUED = object(), object(), object()
@@ -444,6 +448,9 @@ _RECV = 256 * KiB
 # would send a reset, which can destroy the answer before the client reads it.
 _LINGER_CLOSE = 2.0
 _DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
+_PAUSE = 0.25  # out of descriptors: accept is tried again after this long, or once a connection closed
+_FD_SPARE = 64  # descriptors kept beyond server.max_connections: listener, selector, the app's files
+_STOP_ROUND = 0.05  # while stopping, the poll role re-checks this often whether the drain is over
 
 
 class _Listener(socketserver.TCPServer):
@@ -482,14 +489,615 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class _Conn:
-    """A client connection and the parser that owns its buffered bytes."""
+    """A client connection, the parser that owns its buffered bytes, and the worker-side I/O on it.
 
-    __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering")
+    Sockets stay non-blocking for their whole life: an operation is tried first and waited for
+    only when it would block, which saves the poll() that a socket timeout costs before every
+    call (and the ioctl() every settimeout() costs).  A non-blocking SSLSocket says "would block"
+    with SSLWantReadError / SSLWantWriteError, so TLS goes through the same loops.
+    """
 
-    def __init__(self, sock, addr, parser, tls):
-        self.sock, self.addr, self.parser, self.tls = sock, addr, parser, tls
+    __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
+                 "want", "timeout")
+
+    def __init__(self, sock, addr, server):
+        self.sock, self.addr, self.parser = sock, addr, None
+        self.tls = self.handshaking = server.ssl_context is not None
+        self.want, self.timeout = server._want, server.config["server.socket_timeout"]
         self.head = self.deadline = None
-        self.handshaking, self.lingering = tls, False
+        self.lingering = self.late = False  # late: accepted after stop(), answered 503
+
+    def recv(self, timeout: float) -> None:
+        """Feed the parser more bytes within ``timeout`` seconds."""
+        deadline = None
+        while True:
+            try:
+                data = self.sock.recv(_RECV)
+                break
+            except self.want as exc:
+                now = time.monotonic()
+                deadline = deadline or now + timeout
+                write = type(exc).__name__ == "SSLWantWriteError"  # TLS must send before it can read
+                if now >= deadline or not _wait_for(self.sock, write, deadline - now):
+                    raise _Timeout() from None
+            except OSError:
+                raise _ClientGone() from None
+        if not data:
+            raise _ClientGone()
+        self.parser.receive(data)
+
+    def send(self, data) -> None:
+        """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except self.want as exc:
+                write = type(exc).__name__ != "SSLWantReadError"  # TLS must read before it can send
+                if not _wait_for(self.sock, write, self.timeout):
+                    raise _ClientGone() from None
+            except OSError:
+                raise _ClientGone() from None
+
+    def shut(self, answer: bytes = b"") -> bool:
+        """Lingering close, first step: send ``answer`` if the socket takes it at once, then stop
+        sending.  Closing with unread input would send a reset, which can destroy the answer."""
+        self.lingering = True
+        try:
+            self.sock.send(answer) if answer else None
+        except OSError:
+            pass
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False  # gone already: just close
+        return True
+
+    def drained(self) -> bool:
+        """Lingering close: read and drop what the peer still sends; True once it closed."""
+        try:
+            for _ in range(64):
+                if not self.sock.recv(_RECV):
+                    return True
+        except self.want:
+            return False
+        except OSError:
+            return True
+        return False  # a fast sender: more next round, until the linger deadline
+
+    def sendfile(self, file, offset: int, count: int) -> int:
+        """Send ``count`` bytes of ``file`` from ``offset``; returns how many were sent: fewer when
+        the file shrank meanwhile (log rotation, a deploy).  Zero-copy on plain sockets."""
+        if self.tls:  # sendfile(2) cannot encrypt: blocks through send()'s loop
+            file.seek(offset)
+            sent = 0
+            while sent < count:
+                block = file.read(min(count - sent, _RECV))
+                if not block:
+                    break
+                self.send(block)
+                sent += len(block)
+            return sent
+        self.sock.settimeout(self.timeout)  # socket.sendfile() waits with the socket's timeout
+        try:
+            return self.sock.sendfile(file, offset, count)
+        except OSError:
+            raise _ClientGone() from None
+        finally:
+            self.sock.setblocking(False)
+
+
+class _Acceptor:
+    """The listening socket, run by the poll role: accept() new connections and start them off.
+
+    accept(2) errors that concern one client (ECONNABORTED, EPROTO ...) are skipped; out of
+    descriptors (EMFILE, ENFILE) every accept() would fail at once, so the listener leaves the
+    selector (a busy loop otherwise) until a connection closes or _PAUSE passes, with one warning
+    per episode; EBADF or EINVAL mean the listening socket itself is gone: the server stops.
+    """
+
+    def __init__(self, poll, sock):
+        self.poll, self.sock, self.server, self.config = poll, sock, poll.server, poll.config
+        self.listening, self.paused = True, None  # paused: [retry at, failed accepts, since, open connections]
+        poll.sel.register(sock, selectors.EVENT_READ, _ACCEPT)
+
+    def accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                return self._failed(exc)
+            conn = _Conn(sock, addr, self.server)
+            try:
+                self._adopt(conn)
+            except Exception as exc:
+                self.poll.failed(conn, exc)
+
+    def _adopt(self, conn):
+        poll = self.poll
+        if len(poll.conns) >= self.config["server.max_connections"]:
+            return self._refuse(conn.sock)
+        poll.conns.add(conn)
+        conn.parser, conn.late = RequestParser(self.config), poll.drain_until is not None  # see _drain
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.setblocking(False)
+        if conn.tls:
+            # Since the CVE-2023-40217 fix wrap_socket() reads one byte: a reset raises here.
+            conn.sock = poll.ssl_context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+            poll.wait(conn, "head")
+        # Loopback and LAN clients have usually sent their request by now:
+        # reading at once skips a registration and a trip through select().
+        poll.readable(conn)
+
+    def _refuse(self, sock):
+        try:
+            sock.send(_simple_response(503, "Too many connections; try again later.\n"))
+        except OSError:
+            pass
+        sock.close()
+
+    def _failed(self, exc):
+        import errno
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            return self._pause(exc)
+        if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT):
+            self.stop()
+            return self.server._fail("the listening socket failed: %s" % (exc,))
+        _logger().debug("accept failed: %s", exc)  # that client is gone already
+
+    def _pause(self, exc):
+        if self.paused is None:
+            _logger().warning("cannot accept connections: %s (%d open); pausing accept until one closes",
+                              exc.strerror, len(self.poll.conns))
+            self.paused = [0.0, 0, time.monotonic(), 0]
+        self._unlisten()
+        self.paused[0], self.paused[3] = time.monotonic() + _PAUSE, len(self.poll.conns)
+        self.paused[1] += 1
+
+    def retry(self) -> None:
+        """While paused: accept again once a connection closed or the pause is over."""
+        if time.monotonic() < self.paused[0] and len(self.poll.conns) >= self.paused[3]:
+            return
+        self.poll.sel.register(self.sock, selectors.EVENT_READ, _ACCEPT)
+        self.listening = True
+        self.accept()
+        if self.listening:  # accepted, or nobody waiting: the episode is over
+            _logger().warning("accepting connections again after %.1f s (%d accept attempts failed)",
+                              time.monotonic() - self.paused[2], self.paused[1])
+            self.paused = None
+
+    def stop(self) -> None:
+        """Accept no more (the socket stays open until the server closes it)."""
+        self._unlisten()
+        self.paused = None
+
+    def _unlisten(self):
+        if self.listening:
+            self.listening = False
+            self.poll.sel.unregister(self.sock)
+
+
+class _PollRole:
+    """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
+
+    Only the worker holding the pool's poll lock calls in, so it needs no locks of its own;
+    serving threads hand connections back through ``handback`` and the wake pipe.  What one
+    connection does never ends the poll role: an OSError (ssl.SSLError included: a reset, a
+    broken handshake) while accepting, wrapping, reading or closing it drops it at debug
+    level, any other exception is logged once with its traceback and drops it too.
+    """
+
+    def __init__(self, server, sock):
+        self.server, self.config = server, server.config
+        self.ssl_context, self.want = server.ssl_context, server._want
+        self.conns, self.pending = server._conns, server._pending
+        self.waiting, self.handback = {}, deque()
+        self.timers = {"head": deque(), "keepalive": deque(), "linger": deque()}
+        self.sleeping = self.broken = False
+        self.polls, self.pool = 0, None
+        self.drain_until = None  # set by the first round after stop()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.wake_r, selectors.EVENT_READ, _WAKE)
+        self.listener = _Acceptor(self, sock)
+
+    def round(self, cap: float = None) -> None:
+        """One select() (at most ``cap`` long) and what it found; the caller holds the poll lock."""
+        self.polls += 1
+        if self.server._stopping:
+            self._drain()
+            cap = _STOP_ROUND if cap is None else min(cap, _STOP_ROUND)
+        timeout = 0 if self.handback else self.next_timeout()
+        if cap is not None:
+            timeout = cap if timeout is None else min(cap, timeout)
+        # Serving threads write to the wake pipe only while we sleep (see
+        # _Pool.give_back); checking handback after announcing it closes the race.
+        self.sleeping = True
+        events = self.sel.select(timeout)
+        self.sleeping = False
+        if self.pool.watch_parked:
+            self.pool.watch_event.set()  # traffic again: the watchdog resumes its ticks
+        for key, _ in events:
+            if key.data is _ACCEPT:
+                self.listener.accept()
+            elif key.data is not _WAKE:
+                try:
+                    self.readable(key.data)
+                except Exception as exc:
+                    self.failed(key.data, exc)
+        self._take_back()
+        self._expire()
+        if self.listener.paused is not None:
+            self.listener.retry()
+        if self.server._stopping and self._drained():
+            self.pool.exit()
+
+    def wake(self) -> None:
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:
+            pass  # the pipe is full: a wake-up is pending anyway
+
+    def failed(self, conn, exc) -> None:
+        """Handling ``conn`` raised: drop that connection, keep serving everyone else."""
+        if isinstance(exc, OSError):
+            _logger().debug("connection from %s dropped: %s", conn.addr, exc)
+        else:
+            _logger().error("internal error handling the connection from %s; closed it", conn.addr, exc_info=exc)
+        self.drop(conn)
+
+    # -- waiting connections --------------------------------------------------
+    def wait(self, conn, kind):
+        timeout = _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
+        conn.deadline = time.monotonic() + timeout
+        self.timers[kind].append((conn.deadline, conn))
+        if conn not in self.waiting:
+            self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+        self.waiting[conn] = kind
+
+    def unwait(self, conn):
+        del self.waiting[conn]
+        conn.deadline = None
+        self.sel.unregister(conn.sock)
+
+    def readable(self, conn, idle="head"):
+        """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
+        if conn.lingering:
+            return self.drop(conn) if conn.drained() else None
+        if conn.handshaking and not self._handshake(conn):
+            return
+        try:
+            outcome = self._pull(conn)
+        except ProtocolError as err:
+            if conn in self.waiting:
+                self.unwait(conn)
+            return self.reject(conn, err)
+        if outcome is NEED_DATA:
+            if conn not in self.waiting:
+                self.wait(conn, "head" if conn.parser.buffered else idle)
+            elif conn.parser.buffered and self.waiting[conn] != "head":
+                self.wait(conn, "head")  # the head deadline starts at its first byte
+            return
+        if conn in self.waiting:
+            self.unwait(conn)
+        if outcome is None:
+            self.close(conn)
+        elif conn.late:
+            self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
+        else:
+            self.pending.append(conn)  # this thread serves it once its poll round ends
+
+    def _pull(self, conn):
+        """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
+        while True:
+            try:
+                data = conn.sock.recv(_RECV)
+            except self.want:
+                return NEED_DATA
+            except OSError:
+                return None
+            if not data:
+                return None
+            conn.parser.receive(data)
+            head = conn.parser.next_event()
+            if head is not NEED_DATA:
+                conn.head = head
+                return conn
+            if not (conn.tls and conn.sock.pending()):
+                return NEED_DATA  # TLS may hold decrypted bytes that select() cannot see
+
+    def _handshake(self, conn):
+        import ssl
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            return False
+        except ssl.SSLWantWriteError:
+            self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
+                _answer_plain_http(conn.sock.fileno())
+            return self.drop(conn)
+        conn.handshaking = False
+        self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        return True
+
+    def reject(self, conn, err):
+        """Answer an error from the poll role (non-blocking), then close without a reset."""
+        self.linger(conn, _simple_response(err.status, err.message))
+
+    def linger(self, conn, answer: bytes = b""):
+        if conn.shut(answer):
+            self.wait(conn, "linger")
+        else:
+            self.close(conn)
+
+    def drop(self, conn):
+        if self.waiting.pop(conn, None) is not None:
+            try:
+                self.sel.unregister(conn.sock)
+            except (KeyError, ValueError):  # a failure came between register and waiting[conn]
+                pass
+        self.close(conn)
+
+    def close(self, conn):
+        self.conns.discard(conn)
+        conn.deadline = None  # its timers are stale now
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _take_back(self):
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except self.want:
+            pass  # drained (recv on the wake pipe never blocks)
+        while self.handback:
+            conn = self.handback.popleft()
+            try:
+                self.rewait(conn)
+            except Exception as exc:
+                self.failed(conn, exc)
+
+    def rewait(self, conn):
+        """A served keep-alive connection waits for its next request."""
+        if conn.lingering:
+            self.linger(conn)
+        elif self.server._stopping:
+            self.close(conn)  # idle between requests: closing is allowed
+        elif conn.tls and conn.sock.pending():
+            self.readable(conn, "keepalive")  # decrypted bytes select() cannot see
+        else:
+            self.wait(conn, "head" if conn.parser.buffered else "keepalive")
+
+    # -- deadlines ------------------------------------------------------------
+    def next_timeout(self):
+        paused = self.listener.paused
+        soonest = None if paused is None else paused[0]
+        for timers in self.timers.values():
+            while timers and timers[0][1].deadline != timers[0][0]:
+                timers.popleft()  # stale: that connection moved on
+            if timers and (soonest is None or timers[0][0] < soonest):
+                soonest = timers[0][0]
+        return None if soonest is None else max(0.0, soonest - time.monotonic())
+
+    def _expire(self):
+        now = time.monotonic()
+        for kind, timers in self.timers.items():
+            while timers and (timers[0][1].deadline != timers[0][0] or timers[0][0] <= now):
+                deadline, conn = timers.popleft()
+                if conn.deadline != deadline:
+                    continue
+                try:
+                    self.unwait(conn)
+                    if kind == "head" and conn.parser.buffered:
+                        self.reject(conn, ProtocolError(408, "Request head took too long.\n"))
+                    else:
+                        self.close(conn)
+                except Exception as exc:
+                    self.failed(conn, exc)
+            if len(timers) > 2 * len(self.waiting) + 64:  # drop stale entries, keep order
+                self.timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
+
+    # -- stopping -------------------------------------------------------------
+    def _drain(self):
+        """After stop(): idle keep-alive connections close; heads already on their way are read
+        and served for up to a second; connections accepted meanwhile are answered 503 (closing
+        the listener now would reset the ones in its backlog).  A reloader child stops accepting
+        instead: it shares the listening socket with the next generation, which takes them."""
+        now = time.monotonic()
+        if self.drain_until is None:
+            self.drain_until = now + min(1.0, self.config["server.head_timeout"])
+            if _CHILD is not None:
+                self.listener.stop()
+        late = now >= self.drain_until
+        for conn in [c for c, kind in self.waiting.items() if kind == "keepalive" or (late and kind == "head")]:
+            self.drop(conn)
+
+    def busy(self) -> list:
+        """The connections a worker is serving or about to serve."""
+        return [conn for conn in list(self.conns) if conn not in self.waiting]
+
+    def _drained(self) -> bool:
+        """Nothing left to serve (lingering closes do not hold up the stop)."""
+        if self.pending or self.busy():
+            return False
+        late = self.drain_until is not None and time.monotonic() >= self.drain_until
+        return late or "head" not in self.waiting.values()
+
+    def close_all(self, selector: bool) -> None:
+        for conn in list(self.conns):
+            self.close(conn)
+        if selector:
+            self.sel.close()
+        for sock in (self.listener.sock, self.wake_r, self.wake_w):
+            sock.close()
+
+
+class _Pool:
+    """The worker threads and the watchdog that adds workers when the serving ones stall.
+
+    Leader/followers: the thread holding ``poll_lock`` polls; connections found ready go to
+    ``pending``, and the same thread then serves them itself, so a request usually needs no
+    hand-off between threads.  A thread finding the poll role taken and nothing pending parks
+    on its own gate (a stack: the most recently busy thread is woken first).  Parked threads
+    are woken only by the watchdog, when the serving threads stall (an application waiting on
+    something), so with the GIL at most as many threads run as are needed.  Workers start on
+    demand up to server.thread_pool: an idle server runs one.
+    """
+
+    def __init__(self, server, poll):
+        self.server, self.poll, self.pending, self.config = server, poll, server._pending, server.config
+        self.workers, self.idle = [], []
+        self.lock, self.poll_lock = threading.Lock(), threading.Lock()
+        self.exiting = self.watch_parked = False
+        self.watch_event = threading.Event()
+        self.done = 0
+        poll.pool = self
+
+    def spawn(self) -> None:
+        gate = threading.Lock()
+        gate.acquire()
+        worker = threading.Thread(target=self._run, args=(gate,), name="minipub-%d" % len(self.workers),
+                                  daemon=True)
+        self.workers.append(worker)
+        worker.start()
+
+    def lead(self, cap: float = None) -> None:
+        """One round of the poll role; the caller took poll_lock, released here."""
+        try:
+            self.poll.round(cap)
+        except Exception as exc:  # not one connection's doing: the poll role itself is broken
+            self.poll.broken = True
+            self.server._fail("internal error in the poll role", exc)
+            self.exit()
+        finally:
+            self.poll_lock.release()
+
+    def exit(self) -> None:
+        """No more polling: workers finish what they hold, then return."""
+        with self.lock:
+            self.exiting = True
+            while self.idle:
+                self.idle.pop().release()
+
+    # -- the watchdog ---------------------------------------------------------
+    def watch(self) -> None:
+        """Tick while there is traffic; wake a parked worker when the serving ones stall."""
+        poll, quiet, seen = self.poll, 0, None
+        while not self.server._stopping:
+            if quiet >= _QUIET:
+                self.watch_event.clear()
+                self.watch_parked = True
+                if poll.sleeping and not self.pending and not self.server._stopping:
+                    self.watch_event.wait()  # idle: no periodic wake-ups
+                self.watch_parked, quiet = False, 0
+            else:
+                time.sleep(_TICK)
+            quiet = quiet + 1 if poll.sleeping and not self.pending else 0
+            if (poll.polls, self.done) == seen and not poll.sleeping and not self.wake_one():
+                self._poll_for_busy_workers()
+            seen = (poll.polls, self.done)
+
+    def _poll_for_busy_workers(self):
+        """Every worker is inside the application: keep accepting and reading heads."""
+        if self.poll_lock.acquire(blocking=False):
+            self.lead(cap=_TICK)
+            self.wake_one()  # a worker that finished meanwhile parked: the poll role is its
+
+    def wake_one(self) -> bool:
+        """Wake a parked worker, or start one while fewer than server.thread_pool exist."""
+        with self.lock:
+            if self.idle:
+                self.idle.pop().release()
+                return True
+            if self.exiting or len(self.workers) >= self.config["server.thread_pool"]:
+                return False
+            self.spawn()
+        return True
+
+    # -- workers --------------------------------------------------------------
+    def _run(self, gate):
+        while True:
+            try:
+                conn = self.pending.popleft()
+            except IndexError:
+                conn = None
+            if conn is not None:
+                self._serve_conn(conn)
+            elif self.exiting:
+                return
+            elif self.poll_lock.acquire(blocking=False):
+                if self.exiting:
+                    self.poll_lock.release()
+                else:
+                    self.lead()
+            else:
+                self._park(gate)
+
+    def _park(self, gate):
+        with self.lock:
+            if self.pending or self.exiting or not self.poll_lock.locked():
+                return  # there is work, or the poll role is free
+            self.idle.append(gate)
+        gate.acquire()
+
+    def _serve_conn(self, conn):
+        try:
+            keep = self._serve(conn)
+        except _ClientGone:
+            keep = False
+        except Exception:  # a bug in minipub itself: never let a worker die
+            _logger().exception("internal error serving %s", conn.addr)
+            keep = False
+        if keep is False and (conn.parser.in_body or conn.parser.buffered or conn.parser.error):
+            conn.lingering, keep = True, True  # unread input: a plain close would send a reset
+        if keep is True:
+            self._give_back(conn)
+        elif keep is False:
+            self.poll.close(conn)
+
+    def _give_back(self, conn):
+        """A keep-alive connection returns to the poll role, directly if it is free."""
+        poll = self.poll
+        if self.poll_lock.acquire(blocking=False):
+            try:
+                poll.rewait(conn)
+            except Exception as exc:
+                poll.failed(conn, exc)
+            finally:
+                self.poll_lock.release()
+        else:
+            poll.handback.append(conn)
+            if poll.sleeping:
+                poll.wake()
+
+    def _serve(self, conn) -> bool:
+        """Answer requests on ``conn``; True hands it back to the poll role."""
+        server = self.server
+        for _ in range(self.config["server.max_pipelined_requests"]):
+            keep = _Exchange(server, conn).run()
+            self.done += 1
+            if not keep or server._stopping:
+                return False
+            try:
+                head = conn.parser.next_event()
+            except ProtocolError as err:
+                _Exchange(server, conn).fail(err.status, err.message)
+                return False
+            if head is NEED_DATA:
+                return True
+            conn.head = head
+        self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
+        return _QUEUED
 
 
 class Server:
@@ -508,14 +1116,11 @@ class Server:
         self.config = make_config(overrides)
         self.app, self.host, self.port = app, host, port
         self.ssl_context = ssl_context
-        self._sock, self._thread, self._workers, self._sel = sock, None, [], None
-        self._conns, self._waiting, self._handback = set(), {}, deque()
-        self._timers = {"head": deque(), "keepalive": deque(), "linger": deque()}
-        self._stopping = self._sleeping = self._exiting = self._watch_parked = False
-        self._ready, self._watch_event = threading.Event(), threading.Event()
-        self._pending, self._idle = deque(), []
-        self._pool_lock, self._poll_lock = threading.Lock(), threading.Lock()
-        self._polls = self._done = 0
+        self._sock, self._thread, self._poll, self._pool = sock, None, None, None
+        self._conns, self._pending = set(), deque()  # shared by the poll role and the pool
+        self._stopping = self._abandon = False
+        self._failure = None
+        self._ready = threading.Event()
         self._want = (BlockingIOError, InterruptedError)
         self._access = None
 
@@ -524,25 +1129,29 @@ class Server:
         """Bind and serve in a background thread; returns once accepting."""
         self._prepare()
         self._launch()
-        self._thread = threading.Thread(target=self._supervise, name="minipub-watch", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="minipub-watch", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
-        """Serve in this thread until stop(), Ctrl-C or SIGTERM."""
+        """Serve in this thread until stop(), Ctrl-C or SIGTERM (a second one stops at once).
+        If the listening socket fails, logs one error line and raises SystemExit(1)."""
         self._prepare()
-        self._launch()
-        restore = self._install_signals()
+        restore = self._install_signals()  # before the first request: a SIGTERM may follow it at once
         try:
-            self._supervise()
+            self._launch()
+            self._watch()
         finally:
             restore()
+        if self._failure is not None:
+            raise SystemExit(1)
 
     def stop(self, timeout: float = None) -> None:
         """Stop accepting, let in-flight requests finish, close everything."""
         self._stopping = True
         self._wake()
-        self._watch_event.set()
+        if self._pool is not None:
+            self._pool.watch_event.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -566,7 +1175,7 @@ class Server:
         return [url(self.host.strip("[]") or bound)]
 
     def _prepare(self):
-        if self._sel is not None:
+        if self._poll is not None:
             return  # already bound (serve() prepares early to print its URLs)
         if self.ssl_context is None and self.config["server.ssl_certificate"]:
             self.ssl_context = make_ssl_context(self.config)
@@ -578,28 +1187,18 @@ class Server:
             self._sock = bind_socket(self.host, self.port)
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._sock, selectors.EVENT_READ, _ACCEPT)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        _fit_descriptors(self.config)
+        self._poll = _PollRole(self, self._sock)
+        self._pool = _Pool(self, self._poll)
+        self._wake_w = self._poll.wake_w
         access = _logger("access")
         if access.isEnabledFor(20) and access.hasHandlers():  # else skip formatting each line
             self._access = access.info
 
     def _launch(self):
         """Start serving (after serve() has logged and reported ready)."""
-        self._spawn()  # more workers only when the watchdog needs them: idle costs one thread
+        self._pool.spawn()  # more workers only when the watchdog needs them: idle costs one thread
         self._ready.set()
-
-    def _spawn(self):
-        gate = threading.Lock()
-        gate.acquire()
-        worker = threading.Thread(target=self._run, args=(gate,), name="minipub-%d" % len(self._workers),
-                                  daemon=True)
-        self._workers.append(worker)
-        worker.start()
 
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
@@ -607,466 +1206,101 @@ class Server:
         import signal
 
         def on_signal(signum, frame):
+            if self._stopping and isinstance(self, Server):
+                self._abandon = True  # a second Ctrl-C or SIGTERM: stop at once
             self._stopping = True
             self._wake()
-            if hasattr(self, "_watch_event"):
-                self._watch_event.set()
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in old.items()]
 
-    # -- the poll role ------------------------------------------------------
-    def _poll_round(self, cap: float = None):
-        """One select() (at most ``cap`` long) and what it found; the caller holds _poll_lock."""
-        self._polls += 1
-        if self._stopping:
-            return self._stop_round()
-        timeout = 0 if self._handback else self._next_timeout()
-        if cap is not None:
-            timeout = cap if timeout is None else min(cap, timeout)
-        # Serving threads write to the wake pipe only while we sleep (see
-        # _give_back); checking _handback after announcing it closes the race.
-        self._sleeping = True
-        events = self._sel.select(timeout)
-        self._sleeping = False
-        if self._watch_parked:
-            self._watch_event.set()  # traffic again: the watchdog resumes its ticks
-        for key, _ in events:
-            if key.data is _ACCEPT:
-                self._accept(self._sel)
-            elif key.data is not _WAKE:
-                self._readable(self._sel, key.data)
-        self._take_back(self._sel)
-        self._expire(self._sel)
-
-    # -- the watchdog ------------------------------------------------------
-    def _supervise(self):
-        """Tick while there is traffic; wake a parked worker when the serving ones stall."""
-        quiet, seen = 0, None
-        while not self._stopping:
-            if quiet >= _QUIET:
-                self._watch_event.clear()
-                self._watch_parked = True
-                if self._sleeping and not self._pending and not self._stopping:
-                    self._watch_event.wait()  # idle: no periodic wake-ups
-                self._watch_parked, quiet = False, 0
-            else:
-                time.sleep(_TICK)
-            quiet = quiet + 1 if self._sleeping and not self._pending else 0
-            if (self._polls, self._done) == seen and not self._sleeping and not self._wake_one():
-                self._poll_for_busy_workers()
-            seen = (self._polls, self._done)
-        self._finish()
-
-    def _poll_for_busy_workers(self):
-        """Every worker is inside the application: keep accepting and reading heads."""
-        if self._poll_lock.acquire(blocking=False):
-            try:
-                self._poll_round(cap=_TICK)
-            finally:
-                self._poll_lock.release()
-            self._wake_one()  # a worker that finished meanwhile parked: the poll role is its
-
     def _wake(self):
+        """Wake the poll role, which wakes a parked watchdog (the reloader's supervisor shares this).
+        Safe in a signal handler: it takes no lock the interrupted thread may hold."""
         try:
             self._wake_w.send(b"\0")
         except (AttributeError, OSError):
             pass  # not started yet, or the pipe is full: a wake-up is pending anyway
 
-    def _accept(self, sel):
-        for _ in range(64):
-            try:
-                sock, addr = self._sock.accept()
-            except self._want:
-                return
-            except OSError as exc:  # EMFILE and friends: log once per burst, keep serving
-                _logger().warning("accept failed: %s", exc)
-                return
-            if len(self._conns) >= self.config["server.max_connections"]:
-                self._refuse(sock)
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            conn = _Conn(sock, addr, RequestParser(self.config), self.ssl_context is not None)
-            self._conns.add(conn)
-            if conn.tls:
-                self._wait(sel, conn, "head")
-            # Loopback and LAN clients have usually sent their request by now:
-            # reading at once skips a registration and a trip through select().
-            self._readable(sel, conn)
+    def _fail(self, what: str, exc: BaseException = None) -> None:
+        """The listening socket (or the poll role itself) failed: one error line, then stop."""
+        if self._failure is None:
+            self._failure = what
+            _logger().error("%s; stopping", what, exc_info=exc)
+        self._stopping = True
+        self._pool.watch_event.set()
 
-    def _refuse(self, sock):
-        try:
-            sock.send(_simple_response(503, "Too many connections; try again later.\n"))
-        except OSError:
-            pass
-        sock.close()
-
-    def _wait(self, sel, conn, kind):
-        timeout = _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
-        conn.deadline = time.monotonic() + timeout
-        self._timers[kind].append((conn.deadline, conn))
-        if conn not in self._waiting:
-            sel.register(conn.sock, selectors.EVENT_READ, conn)
-        self._waiting[conn] = kind
-
-    def _unwait(self, sel, conn):
-        del self._waiting[conn]
-        conn.deadline = None
-        sel.unregister(conn.sock)
-
-    def _readable(self, sel, conn, idle="head"):
-        """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
-        if conn.lingering:
-            return self._drain_lingering(sel, conn)
-        if conn.handshaking and not self._handshake(sel, conn):
-            return
-        try:
-            outcome = self._pull(conn)
-        except ProtocolError as err:
-            if conn in self._waiting:
-                self._unwait(sel, conn)
-            return self._reject(conn, err)
-        if outcome is NEED_DATA:
-            if conn not in self._waiting:
-                self._wait(sel, conn, "head" if conn.parser.buffered else idle)
-            elif conn.parser.buffered and self._waiting[conn] != "head":
-                self._wait(sel, conn, "head")  # the head deadline starts at its first byte
-            return
-        if conn in self._waiting:
-            self._unwait(sel, conn)
-        if outcome is None:
-            self._close(conn)
-        else:
-            self._pending.append(conn)  # this thread serves it once its poll round ends
-
-    def _pull(self, conn):
-        """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
-        while True:
-            try:
-                data = conn.sock.recv(_RECV)
-            except self._want:
-                return NEED_DATA
-            except OSError:
-                return None
-            if not data:
-                return None
-            conn.parser.receive(data)
-            head = conn.parser.next_event()
-            if head is not NEED_DATA:
-                conn.head = head
-                return conn
-            if not (conn.tls and conn.sock.pending()):
-                return NEED_DATA  # TLS may hold decrypted bytes that select() cannot see
-
-    def _handshake(self, sel, conn):
-        import ssl
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            sel.modify(conn.sock, selectors.EVENT_READ, conn)
-            return False
-        except ssl.SSLWantWriteError:
-            sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
-            return False
-        except (ssl.SSLError, OSError) as exc:
-            if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
-                try:
-                    fd = conn.sock.fileno()
-                    os.write(fd, _simple_response(400, "This port speaks HTTPS; use an https:// URL.\n"))
-                    # ssl read only the first bytes; closing with the rest unread
-                    # would send a RST that can destroy the 400 before it is read.
-                    for _ in range(16):  # bounded: the poll role must not be held
-                        if not os.read(fd, _RECV):
-                            break
-                except OSError:  # BlockingIOError ends the drain
-                    pass
-            return self._drop(sel, conn)
-        conn.handshaking = False
-        sel.modify(conn.sock, selectors.EVENT_READ, conn)
-        return True
-
-    def _reject(self, conn, err):
-        """Answer a framing error from the poll role (non-blocking), then close without a reset."""
-        try:
-            conn.sock.send(_simple_response(err.status, err.message))
-        except OSError:
-            pass
-        self._linger(conn)
-
-    def _linger(self, conn):
-        """Close without a reset: stop sending, then read and drop what still comes."""
-        conn.lingering = True
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return self._close(conn)
-        self._wait(self._sel, conn, "linger")
-
-    def _drain_lingering(self, sel, conn):
-        try:
-            for _ in range(64):
-                if not conn.sock.recv(_RECV):
-                    break
-            else:
-                return  # a fast sender: more next round, until the linger deadline
-        except self._want:
-            return
-        except OSError:
-            pass
-        self._drop(sel, conn)
-
-    def _drop(self, sel, conn):
-        if conn in self._waiting:
-            self._unwait(sel, conn)
-        self._close(conn)
-
-    def _close(self, conn):
-        self._conns.discard(conn)
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
-
-    def _take_back(self, sel):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except self._want:
-            pass  # drained (recv on the wake pipe never blocks)
-        while self._handback:
-            conn = self._handback.popleft()
-            if self._stopping:
-                self._close(conn)
-            else:
-                self._rewait(sel, conn)
-
-    def _rewait(self, sel, conn):
-        """A served keep-alive connection waits for its next request."""
-        if conn.lingering:
-            self._linger(conn)
-        elif conn.tls and conn.sock.pending():
-            self._readable(sel, conn, "keepalive")  # decrypted bytes select() cannot see
-        else:
-            self._wait(sel, conn, "head" if conn.parser.buffered else "keepalive")
-
-    def _next_timeout(self):
-        soonest = None
-        for timers in self._timers.values():
-            while timers and timers[0][1].deadline != timers[0][0]:
-                timers.popleft()  # stale: that connection moved on
-            if timers and (soonest is None or timers[0][0] < soonest):
-                soonest = timers[0][0]
-        return None if soonest is None else max(0.0, soonest - time.monotonic())
-
-    def _expire(self, sel):
-        now = time.monotonic()
-        for kind, timers in self._timers.items():
-            while timers and (timers[0][1].deadline != timers[0][0] or timers[0][0] <= now):
-                deadline, conn = timers.popleft()
-                if conn.deadline == deadline:
-                    self._unwait(sel, conn)
-                    if kind == "head" and conn.parser.buffered:
-                        self._reject(conn, ProtocolError(408, "Request head took too long.\n"))
-                    else:
-                        self._close(conn)
-            if len(timers) > 2 * len(self._waiting) + 64:  # drop stale entries, keep order
-                self._timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
-
-    def _stop_round(self):
-        """Stop accepting, but answer clients already accepted whose head is on its way: a reloader's
-        old child stops while sharing the listening socket with the new one, so it must serve them."""
-        sel = self._sel
-        if not hasattr(self, "_drain_until"):
-            sel.unregister(self._sock)
-            self._drain_until = time.monotonic() + min(1.0, self.config["server.head_timeout"])
-        for conn in [c for c, kind in self._waiting.items() if kind == "keepalive"]:
-            self._drop(sel, conn)  # idle between requests: closing is allowed
-        left = self._drain_until - time.monotonic()
-        if self._waiting and left > 0:
-            for key, _ in sel.select(left):
-                if key.data is not _WAKE:
-                    self._readable(sel, key.data)
-            return self._take_back(sel)
-        for conn in list(self._waiting):
-            self._drop(sel, conn)
-        with self._pool_lock:
-            self._exiting = True
-            while self._idle:
-                self._idle.pop().release()
+    def _watch(self):
+        self._pool.watch()
+        self._finish()
 
     def _finish(self):
-        """After stop: drain, wait for the workers (shutdown_timeout), then close everything."""
-        self._wake()
-        deadline = time.monotonic() + self.config["server.shutdown_timeout"]
-        while not self._exiting and time.monotonic() < deadline:
-            if self._poll_lock.acquire(timeout=_TICK):  # drive the drain if no worker does
-                try:
-                    self._poll_round()
-                finally:
-                    self._poll_lock.release()
-        with self._pool_lock:
-            self._exiting = True
-            while self._idle:
-                self._idle.pop().release()
-        for worker in self._workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-        for conn in list(self._conns):  # stragglers past the deadline
-            self._close(conn)
-        if self._poll_lock.acquire(timeout=1.0):
-            self._sel.close()
-        self._sock.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        """After stop: drain (server.shutdown_timeout at most), wait for the workers, close everything."""
+        poll, pool, timeout = self._poll, self._pool, self.config["server.shutdown_timeout"]
+        _logger().info("stopping: waiting up to %g s for %d requests", timeout, len(poll.busy()))
+        deadline = time.monotonic() + timeout
+        poll.wake()
+        while not (self._abandon or pool.exiting or time.monotonic() >= deadline):
+            if pool.poll_lock.acquire(timeout=_STOP_ROUND):  # drive the drain if no worker does
+                pool.lead()
+        pool.exit()
+        for worker in pool.workers:
+            while worker.is_alive() and not self._abandon and time.monotonic() < deadline:
+                worker.join(_STOP_ROUND)  # in slices: a second signal must cut the wait short
+        for conn in poll.busy():
+            head = conn.head
+            _logger().warning("stopping: abandoned %s %s from %s", head.method if head else "a request",
+                              head.target if head else "", conn.addr[0] if conn.addr else "-")
+        poll.close_all(selector=pool.poll_lock.acquire(timeout=1.0))  # a stuck round keeps its selector
 
-    # -- workers -----------------------------------------------------------
-    # Leader/followers: the thread holding _poll_lock polls; connections found
-    # ready go to _pending, and the same thread then serves them itself, so a
-    # request usually needs no hand-off between threads.  A thread finding the
-    # poll role taken and nothing pending parks on its own gate (a stack: the
-    # most recently busy thread is woken first).  Parked threads are woken only
-    # by the watchdog, when the serving threads stall (an application waiting
-    # on something), so with the GIL at most as many threads run as are needed.
-    def _run(self, gate):
-        while True:
-            try:
-                conn = self._pending.popleft()
-            except IndexError:
-                conn = None
-            if conn is not None:
-                self._serve_conn(conn)
-            elif self._exiting:
-                return
-            elif self._poll_lock.acquire(blocking=False):
-                try:
-                    if not self._exiting:
-                        self._poll_round()
-                finally:
-                    self._poll_lock.release()
-            else:
-                self._park(gate)
-
-    def _park(self, gate):
-        with self._pool_lock:
-            if self._pending or self._exiting or not self._poll_lock.locked():
-                return  # there is work, or the poll role is free
-            self._idle.append(gate)
-        gate.acquire()
-
-    def _wake_one(self) -> bool:
-        """Wake a parked worker, or start one while fewer than server.thread_pool exist."""
-        with self._pool_lock:
-            if self._idle:
-                self._idle.pop().release()
-                return True
-            if self._exiting or len(self._workers) >= self.config["server.thread_pool"]:
-                return False
-            self._spawn()
-        return True
-
-    def _serve_conn(self, conn):
-        try:
-            keep = self._serve(conn)
-        except _ClientGone:
-            keep = False
-        except Exception:  # a bug in minipub itself: never let a worker die
-            _logger().exception("internal error serving %s", conn.addr)
-            keep = False
-        if keep is False and (conn.parser.in_body or conn.parser.buffered or conn.parser.error):
-            conn.lingering, keep = True, True  # unread input: a plain close would send a reset
-        if keep is True:
-            self._give_back(conn)
-        elif keep is False:
-            self._close(conn)
-
-    def _give_back(self, conn):
-        """A keep-alive connection returns to the poll role, directly if it is free."""
-        if self._poll_lock.acquire(blocking=False):
-            try:
-                if self._stopping:
-                    self._close(conn)
-                else:
-                    self._rewait(self._sel, conn)
-            finally:
-                self._poll_lock.release()
-        else:
-            self._handback.append(conn)
-            if self._sleeping:
-                self._wake()
-
-    def _serve(self, conn) -> bool:
-        """Answer requests on ``conn``; True hands it back to the poll role."""
-        for _ in range(self.config["server.max_pipelined_requests"]):
-            keep = _Exchange(self, conn).run()
-            self._done += 1
-            if not keep or self._stopping:
-                return False
-            try:
-                head = conn.parser.next_event()
-            except ProtocolError as err:
-                _Exchange(self, conn).fail(err.status, err.message)
-                return False
-            if head is NEED_DATA:
-                return True
-            conn.head = head
-        self._pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
-        return _QUEUED
-
-    # Worker I/O.  Sockets stay non-blocking for their whole life: an operation
-    # is tried first and waited for only when it would block, which saves the
-    # poll() that a socket timeout costs before every call (and the ioctl()
-    # every settimeout() costs).
-
+    # -- the I/O the WSGI bridge uses -----------------------------------------
     def recv(self, conn, timeout: float) -> None:
         """Feed the parser more bytes of ``conn`` within ``timeout`` seconds."""
-        deadline = None
-        while True:
-            try:
-                data = conn.sock.recv(_RECV)
-                break
-            except self._want:
-                now = time.monotonic()
-                deadline = deadline or now + timeout
-                if now >= deadline or not _wait_for(conn.sock, False, deadline - now):
-                    raise _Timeout() from None
-            except OSError:
-                raise _ClientGone() from None
-        if not data:
-            raise _ClientGone()
-        conn.parser.receive(data)
+        conn.recv(timeout)
 
     def send(self, conn, data) -> None:
         """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[conn.sock.send(view):]
-            except self._want:
-                if not _wait_for(conn.sock, True, self.config["server.socket_timeout"]):
-                    raise _ClientGone() from None
-            except OSError:
-                raise _ClientGone() from None
+        conn.send(data)
 
-    def sendfile(self, conn, file, offset: int, count: int) -> None:
-        """Zero-copy on plain sockets; TLS falls back to a buffered loop."""
+    def sendfile(self, conn, file, offset: int, count: int) -> int:
+        """``count`` bytes of ``file`` from ``offset``; returns how many were sent (fewer if it shrank)."""
+        return conn.sendfile(file, offset, count)
+
+
+def _answer_plain_http(fd: int) -> None:
+    """Tell a plain-HTTP client on the TLS port what is wrong, bypassing ssl (non-blocking)."""
+    try:
+        os.write(fd, _simple_response(400, "This port speaks HTTPS; use an https:// URL.\n"))
+        # ssl read only the first bytes; closing with the rest unread
+        # would send a RST that can destroy the 400 before it is read.
+        for _ in range(16):  # bounded: the poll role must not be held
+            if not os.read(fd, _RECV):
+                break
+    except OSError:  # BlockingIOError ends the drain
+        pass
+
+
+def _fit_descriptors(config: dict) -> None:
+    """Raise the soft RLIMIT_NOFILE toward the hard limit as far as server.max_connections needs,
+    then lower max_connections below what the process may open, so accept() does not hit EMFILE."""
+    try:
+        import resource
+    except ImportError:  # Windows has no rlimits
+        return
+    want = config["server.max_connections"] + _FD_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         try:
-            if conn.tls:
-                file.seek(offset)
-                while count > 0:
-                    block = file.read(min(count, _RECV))
-                    if not block:
-                        raise _ClientGone()  # the file shrank under us
-                    conn.sock.sendall(block)
-                    count -= len(block)
-            else:
-                conn.sock.settimeout(self.config["server.socket_timeout"])  # sendfile() blocks
-                try:
-                    conn.sock.sendfile(file, offset, count)
-                finally:
-                    conn.sock.setblocking(False)
-        except OSError:
-            raise _ClientGone() from None
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass  # not allowed here: fit below the limit we have
+    most = soft - min(_FD_SPARE, soft // 4)
+    if config["server.max_connections"] > most:
+        _logger().info("server.max_connections lowered to %d: this process may open %d files", most, soft)
+        config["server.max_connections"] = most
 
 
 def _wait_for(sock, write: bool, timeout: float) -> bool:
@@ -1715,7 +1949,8 @@ class _Exchange:
                     result.close()
         except (_ClientGone, _Timeout, ProtocolError):
             raise
-        except Exception:
+        except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
+            # own stop is a flag, never an exception, so this one request fails, not the worker
             _logger().exception("Error answering %s %s", self.head.method, self.head.target)
             self.fail(500, None)
 
@@ -1783,8 +2018,10 @@ class _Exchange:
             self.send_head(b"")
             if not self.no_body and self.length:
                 offset = result.offset or result.filelike.tell()
-                self.server.sendfile(self.conn, result.filelike, offset, self.length)
-                self.sent = self.length
+                self.sent = self.server.sendfile(self.conn, result.filelike, offset, self.length)
+                if self.sent < self.length:  # it shrank meanwhile; write_end() closes the connection
+                    _logger().warning("%s: the file ended after %d of %d bytes; connection closed",
+                                      self.head.target, self.sent, self.length)
         else:
             for chunk in result:
                 self.write(chunk)
@@ -3921,13 +4158,32 @@ class Part:
         return "" if name in ("", ".", "..") else name
 
     def _write(self, data) -> None:
-        if self._temp is None and self.size + len(data) > self._spool:
-            import tempfile
-            fd, self._temp = tempfile.mkstemp(prefix="minipub-upload-")
-            memory, self.file = self.file, os.fdopen(fd, "w+b")
-            self.file.write(memory.getbuffer())
-        self.file.write(data)
+        try:
+            if self._temp is None and self.size + len(data) > self._spool:
+                import tempfile
+                fd, self._temp = tempfile.mkstemp(prefix="minipub-upload-")
+                memory, self.file = self.file, os.fdopen(fd, "w+b")
+                self.file.write(memory.getbuffer())
+            self.file.write(data)
+        except OSError as exc:
+            self._spool_failed(exc)
         self.size += len(data)
+
+    def _rewind(self) -> None:
+        try:
+            self.file.seek(0)  # flushes the temporary file: a full disk may show only now
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError):
+        """The temporary directory is full (507) or unusable (503): say which, keep nothing."""
+        import errno
+        import tempfile
+        _logger().error("upload of %r refused: cannot write to the temporary directory %s: %s",
+                        self.filename, tempfile.gettempdir(), exc.strerror or exc)
+        self.close()
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise HTTPError(507 if full else 503, "No room to store the upload; try again later.") from None
 
     def save(self, path: str) -> None:
         """Store the content at ``path``, with the mode ``open(path, "wb")`` would give it (the
@@ -3956,10 +4212,14 @@ class Part:
 
     def close(self) -> None:
         """Close the content and delete its temporary file (done when the request ends)."""
-        self.file.close()
-        if self._temp is not None:
-            os.unlink(self._temp)
-            self._temp = None
+        try:
+            self.file.close()  # may flush into a full disk: the file goes all the same
+        except OSError:
+            pass
+        finally:
+            if self._temp is not None:
+                os.unlink(self._temp)
+                self._temp = None
 
 
 class _Blocks:
@@ -4076,7 +4336,7 @@ def parse_multipart(req, content_type: str) -> dict:
                 part = Part(name, filename, ctype, config["request.upload_spool_size"])
                 parts.append(part)
                 blocks.until(delimiter, part._write)
-                part.file.seek(0)
+                part._rewind()
                 pairs.append((name, part))
         while req.body.read(_BLOCK):
             pass

@@ -354,7 +354,7 @@ def test_small_response_is_one_write(serve, monkeypatch):
 
 def test_idle_server_sleeps_without_timeout(serve):
     server = serve(hello_app)
-    assert server._next_timeout() is None  # select() blocks forever: no periodic wake-ups
+    assert server._poll.next_timeout() is None  # select() blocks forever: no periodic wake-ups
     names = {t.name for t in threading.enumerate()}
     assert names >= {"minipub-watch", "minipub-0"}  # one worker until load needs more
     assert sum(n.startswith("minipub-") for n in names) == 2
@@ -413,6 +413,233 @@ def test_serve_forever_in_a_thread_installs_no_signal_handlers():
     server.stop()
     thread.join(5)
     assert not thread.is_alive()
+
+
+# -- robustness (issue 16): what one client or handler does ends nothing else --
+
+def _connect(port, tls=None, handshake=True):
+    """A client socket, wrapped in TLS (trusting the test CA) when ``tls`` is given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if tls is None or not handshake:
+        return sock
+    import ssl
+    context = ssl.create_default_context(cafile=tls["ca"])
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def _half_client_hello():
+    """The first half of a real TLS ClientHello."""
+    import ssl
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    return hello[:len(hello) // 2]
+
+
+def _get_over(port, tls=None, path=b"/"):
+    sock = _connect(port, tls)
+    with sock:
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return recv_until_close(sock)[0]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records, secure):
+    """2,000 connect-and-reset cycles (a reset inside wrap_socket() used to kill an HTTPS server),
+    then resets mid-ClientHello or mid-head, after the handshake, mid-body and mid-response."""
+    entered = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/upload":
+            entered.set()
+            environ["wsgi.input"].read()
+        if environ["PATH_INFO"] == "/stream":
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            return (b"x" * 65536 for _ in range(1000))
+        return hello_app(environ, start_response)
+    tls = tls if secure else None
+    server = serve(app, thread_pool=2, **(_tls_options(tls) if secure else {}))
+    port, fds, started = server.port, _fd_count(), time.monotonic()
+    for _ in range(2000):
+        _rst(socket.create_connection(("127.0.0.1", port), timeout=5))
+    assert _get_over(port, tls).endswith(b"hello ")
+    sock = _connect(port, tls, handshake=False)
+    sock.sendall(_half_client_hello() if secure else b"GET / HTTP/1.1\r\nHo")
+    _rst(sock)
+    if secure:
+        _rst(_connect(port, tls))  # after a complete handshake
+    entered.clear()
+    sock = _connect(port, tls)
+    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"b" * 100)
+    assert entered.wait(5)
+    _rst(sock)
+    sock = _connect(port, tls)
+    sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    _rst(sock)
+    assert _get_over(port, tls).endswith(b"hello ")
+    assert time.monotonic() - started < 60
+    assert server._thread.is_alive() and all(w.is_alive() for w in server._pool.workers)
+    assert wait_until(lambda: len(server._conns) == 0)
+    assert wait_until(lambda: _fd_count() <= fds)
+    assert not [r.getMessage() for r in error_records]
+
+
+@pytest.mark.parametrize("cls,where", [("_Acceptor", "_adopt"), ("_PollRole", "_pull")])
+def test_a_fault_in_the_poll_role_drops_only_that_connection(serve, monkeypatch, error_records, cls, where):
+    server = serve(hello_app)
+    real, calls = getattr(getattr(minipub, cls), where), []
+
+    def faulty(self, conn, *args):
+        calls.append(conn)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(self, conn, *args)
+    monkeypatch.setattr(getattr(minipub, cls), where, faulty)
+    ok = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert exchange(server.port, ok) == b""  # closed without an answer
+    assert responses(exchange(server.port, ok))[0][2] == b"hello "
+    assert len(error_records) == 1 and error_records[0].exc_info[1].args == ("injected fault",)
+    assert len(calls) >= 2 and server._thread.is_alive()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # CPython reports the decode
+def test_odd_bytes_in_the_sni_name_fail_that_handshake_only(serve, tls):
+    """CPython cannot decode a non-ASCII server_name for the SNI callback: that handshake fails."""
+    root = minipub.VirtualHost(default=_Site("main"), domains={"api.example.test": (_Site("api"), tls["api"],
+                                                                                    tls["api_key"])})
+    server = serve(minipub.Application(root), **_tls_options(tls))
+    for name in (b"\xff\xfe.test", b"a" * 255, b".."):
+        subprocess.run([b"openssl", b"s_client", b"-connect", b"127.0.0.1:%d" % server.port, b"-servername", name],
+                       input=b"", capture_output=True, timeout=20)
+    assert _get_over(server.port, tls).endswith(b"main") and server._thread.is_alive()
+
+def test_handler_sys_exit_is_a_500_and_the_workers_live_on(serve, error_records):
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/exit":
+            sys.exit(3)
+        if environ["PATH_INFO"] == "/interrupt":
+            raise KeyboardInterrupt
+        return hello_app(environ, start_response)
+    server = serve(app, thread_pool=2)
+    for path in (b"/exit", b"/exit", b"/interrupt"):
+        assert responses(_get_over(server.port, path=path))[0][0] == 500
+    assert responses(_get_over(server.port))[0][2] == b"hello "
+    assert len(error_records) == 3 and all(w.is_alive() for w in server._pool.workers)
+
+
+def _child(tmp_path, body):
+    """A Python child process running ``body`` (which can import minipub); stderr collected."""
+    script = tmp_path / "child.py"
+    script.write_text("import os, socket, sys, threading\nsys.path.insert(0, %r)\nimport minipub\n" % HERE
+                      + "minipub.configure_logging(minipub.make_config())\n" + body)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.lines = []
+    reader = threading.Thread(target=lambda: proc.lines.extend(iter(proc.stderr.readline, b"")), daemon=True)
+    reader.start()
+    return proc
+
+
+def _child_logged(proc, text, timeout=10.0):
+    return wait_until(lambda: any(text in line.decode() for line in proc.lines), timeout)
+
+
+def _cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_descriptor_exhaustion_pauses_accept_without_spinning(tmp_path):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to count descriptors")
+    proc = _child(tmp_path, """
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))  # no room to raise it: max_connections fits below
+server = minipub.Server(lambda e, s: [s("200 OK", [("Content-Length", "2")]), b"ok"][1:], "127.0.0.1", 0)
+server.start()
+low = len(os.listdir("/proc/self/fd")) + 8
+resource.setrlimit(resource.RLIMIT_NOFILE, (low, 200))  # now accept() hits EMFILE after a few clients
+print(server.port, server.config["server.max_connections"], flush=True)
+threading.Event().wait(60)
+""")
+    try:
+        port, most = map(int, proc.stdout.readline().split())
+        assert most == 150  # 200 minus the descriptors kept spare
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+        assert _child_logged(proc, "cannot accept connections")
+        cpu = _cpu_seconds(proc.pid)
+        threading.Event().wait(1.0)  # a measuring window, not a readiness wait
+        assert _cpu_seconds(proc.pid) - cpu < 0.3  # a busy loop on accept() would use the whole second
+        for sock in clients:
+            sock.close()
+        assert wait_until(lambda: exchange(port, b"GET / HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nok"), 10)
+        assert _child_logged(proc, "accepting connections again")
+        log = b"".join(proc.lines).decode()
+        assert log.count("cannot accept connections") == 1 and log.count("accepting connections again") == 1
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_a_failed_listening_socket_stops_with_one_line_and_status_1(tmp_path):
+    proc = _child(tmp_path, """
+server = minipub.Server(minipub.Application(object()), "127.0.0.1", 0)
+server._prepare()
+threading.Thread(target=lambda: server._ready.wait(5) and server._sock.shutdown(socket.SHUT_RDWR)).start()
+server.serve_forever()
+""")
+    try:
+        assert proc.wait(20) == 1
+    finally:
+        proc.kill()
+    errors = [line for line in proc.lines if b"ERROR" in line]
+    assert len(errors) == 1 and b"the listening socket failed: [Errno 22]" in errors[0], proc.lines
+    assert not [line for line in proc.lines if b"Traceback" in line]
+
+
+def test_shutdown_logs_drains_with_503_and_a_second_signal_stops_at_once(tmp_path):
+    import signal
+    proc = _child(tmp_path, """
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        print("entered", flush=True)
+        threading.Event().wait(60)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"done"]
+server = minipub.Server(app, "127.0.0.1", 0, shutdown_timeout=30.0)
+server._prepare()
+print(server.port, flush=True)
+server.serve_forever()
+""")
+    try:
+        port = int(proc.stdout.readline())
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert proc.stdout.readline() == b"entered\n"
+        proc.send_signal(signal.SIGTERM)
+        assert _child_logged(proc, "stopping: waiting up to 30 s for 1 requests"), proc.lines
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as late:
+            late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            late.settimeout(5)
+            raw = b""
+            while True:
+                chunk = late.recv(65536)  # a reset raises ConnectionResetError and fails the test
+                if not chunk:
+                    break
+                raw += chunk
+        status, headers, _ = responses(raw)[0]
+        assert (status, headers["connection"]) == (503, "close")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0 and time.monotonic() - started < 5
+        assert _child_logged(proc, "stopping: abandoned GET /slow from 127.0.0.1")
+        slow.close()
+    finally:
+        proc.kill()
+        proc.wait(5)
 
 
 # ===========================================================================
@@ -713,6 +940,46 @@ def test_application_is_valid_wsgi():
     assert call_app(app)[::2] == (200, b"hi")
     assert call_app(app, path="/stream")[::2] == (200, b"ab")
     assert call_app(app, path="/missing")[0] == 404
+
+
+@pytest.fixture
+def minipub_logs():
+    """Records of minipub's error (WARNING and up) and access loggers, whatever configure_logging did."""
+    records, loggers = [], [(logging.getLogger("minipub.error"), logging.WARNING),
+                            (logging.getLogger("minipub.access"), logging.INFO)]
+    handlers = []
+    for logger, level in loggers:
+        handler = logging.Handler(level)
+        handler.emit = records.append
+        handlers.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(min(level, logger.level or level))
+    yield records
+    for logger, handler, level in handlers:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_a_file_that_shrinks_while_sent_closes_and_logs_the_real_count(serve, tls, tmp_path, minipub_logs,
+                                                                       secure):
+    path = tmp_path / "rotating.log"
+    path.write_bytes(b"x" * 2000000)
+
+    def app(environ, start_response):
+        f = open(str(path), "rb")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2000000")])
+        os.truncate(str(path), 300000)  # rotated between the stat and the send
+        return environ["wsgi.file_wrapper"](f)
+    tls = tls if secure else None
+    server = serve(app, **(_tls_options(tls) if secure else {}))
+    with _connect(server.port, tls) as sock:
+        sock.sendall(b"GET /log HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: only a close ends the wait
+        raw, closed = recv_until_close(sock, timeout=5)
+    assert closed and len(raw.partition(b"\r\n\r\n")[2]) == 300000
+    messages = [r.getMessage() for r in minipub_logs]
+    assert "/log: the file ended after 300000 of 2000000 bytes; connection closed" in messages
+    assert [m for m in messages if m.endswith('"GET /log HTTP/1.1" 200 300000')]
 
 
 # ===========================================================================
@@ -2597,6 +2864,22 @@ def test_static_range_over_tls_uses_the_fallback_loop(serve, site, tmp_path):
         server.stop(10)
 
 
+@pytest.mark.parametrize("pause", [False, True], ids=["fast", "pausing"])
+def test_static_20mb_over_https_arrives_byte_exact(serve, site, tls, pause):
+    """The TLS file loop used sendall() on a non-blocking socket: a full buffer ended the download."""
+    data = os.urandom(20000000)
+    (site / "static" / "big.bin").write_bytes(data)
+    server = serve(static_app(site), **_tls_options(tls))
+    with _connect(server.port, tls) as sock:
+        sock.sendall(b"GET /static/big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        if pause:
+            threading.Event().wait(0.5)  # the client reads nothing for a while: the server's sends block
+        raw, closed = recv_until_close(sock, timeout=30)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    size, same = len(body), hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+    assert closed and b"Content-Length: 20000000\r\n" in head and (size, same) == (20000000, True)
+
+
 TRAVERSALS = [
     "/static/../static-secret/secret.txt",
     "/static/..%2fstatic-secret/secret.txt",
@@ -2912,6 +3195,33 @@ def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads, 
         time.sleep(0.01)
     assert curl_body("http://127.0.0.1:%d/up" % port) == b"{}"  # one worker: the first request is over
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a gone client is no handler bug
+
+
+def test_upload_into_a_full_directory_is_507_and_leaves_nothing(serve, tmp_path, monkeypatch, minipub_logs):
+    import tempfile
+    full = tmp_path / "full"
+    full.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                             capture_output=True, timeout=20)
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here: %s" % mounted.stderr.decode().strip())
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(full))
+        port = serve(upload_app(tmp_path, {"request.upload_spool_size": 64 * 1024})).port
+        fds = _fd_count()
+        body = (b"--B\r\nContent-Disposition: form-data; name=\"f\"; filename=\"big.bin\"\r\n\r\n"
+                + os.urandom(1024 * 1024) + b"\r\n--B--\r\n")
+        raw = exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert raw.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n")
+        assert os.listdir(str(full)) == [] and wait_until(lambda: _fd_count() <= fds)
+        errors = [r.getMessage() for r in minipub_logs if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and str(full) in errors[0] and "No space left" in errors[0], errors
+        assert not [r for r in minipub_logs if r.exc_info]
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True, timeout=20)
 
 
 # ===========================================================================
