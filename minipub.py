@@ -2712,8 +2712,9 @@ class Application:
             custom = req.config.get("request.error_response")
             if custom is not None:
                 resp.status, resp.body = 500, None
-                custom()
-                resp.body = _body_of(resp.body, resp)
+                custom()  # e.g. HTTPError(503).set_response, as CherryPy's default is
+                if not req.__dict__.get("failed"):
+                    resp.body = _body_of(resp.body, resp)
             else:
                 self.error(req, resp, 500, None, None, detail)
             _run(req.hooks, "after_error_response")

@@ -2116,6 +2116,73 @@ def test_engine_callbacks_and_a_failing_start_callback(tmp_path):
         proc.kill()
 
 
+def test_per_path_body_limit_set_response_relative_urls_and_unsubscribe():
+    class Root:
+        @minipub.expose
+        def upload(self, **fields):
+            return "ok"
+
+        @minipub.expose
+        def teapot(self):
+            raise RuntimeError("the real error")
+
+        @minipub.expose
+        def deep(self, *args):
+            return "|".join([minipub.url("x", relative=True), minipub.url("/y", relative="server"),
+                             minipub.url("/y", qs="a=1")])
+    app = minipub.Application(Root(), {"/upload": {"server.max_request_body_size": 10}, "/teapot": {
+        "request.error_response": minipub.HTTPError(418, "short and stout").set_response}})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert call_app(app, "POST", "/upload", body=b"a=" + b"x" * 20, headers=form)[0] == 413
+    assert call_app(app, "POST", "/upload", body=b"a=1", headers=form)[0] == 200
+    status, _, body = call_app(app, path="/teapot")
+    assert status == 418 and b"short and stout" in body
+    assert call_app(app, path="/deep/a/b")[2] == b"x|/y|http://127.0.0.1/y?a=1"
+    engine, seen = minipub.Engine(), []
+    engine.subscribe("graceful", seen.append)
+    engine.subscribe("graceful", lambda *a: seen.append("second"), priority=10)
+    engine.graceful()
+    engine.unsubscribe("graceful", seen.append)
+    engine.graceful()
+    assert seen == ["second", "second"] or seen == ["second", (), "second"]
+
+
+def test_engine_block_makes_no_wake_ups_while_idle(tmp_path):
+    (tmp_path / "app.py").write_text(textwrap_dedent('''
+        import sys, minipub
+        class Root:
+            @minipub.expose
+            def index(self):
+                return "idle"
+        minipub.config.update({"server.socket_port": int(sys.argv[1]), "log.screen": False})
+        minipub.tree.mount(Root())
+        minipub.engine.start()
+        print("up", flush=True)
+        minipub.engine.block()
+    '''))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", str(port)], cwd=str(tmp_path),
+                            env=dict(os.environ, PYTHONPATH=HERE), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "up\n"
+        assert urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5).read() == b"idle"
+
+        def switches():
+            total = 0
+            for task in os.listdir("/proc/%d/task" % proc.pid):
+                with open("/proc/%d/task/%s/status" % (proc.pid, task)) as status:
+                    total += sum(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt"))
+            return total
+        wait_until(lambda: False, timeout=0.3)  # let the watchdog park after the request
+        before = switches()
+        wait_until(lambda: False, timeout=1.0)
+        assert switches() - before <= 2  # no tick: every thread sleeps until something happens
+        proc.send_signal(signal_module().SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+
+
 def test_engine_start_and_block_serve_the_tree_in_process(process_config):
     class Root:
         @minipub.expose
