@@ -3542,6 +3542,7 @@ class Session(MutableMapping):
             self._id, self._data = _new_session_id(), {}
         else:
             self._id, self._data, self.existed = found[0], found[1], True
+            self.originalid = found[0]  # the cookie store's cookie is the signed data; its id is inside
         self.loaded = True
 
     def _lock(self, sid):
