@@ -2805,6 +2805,59 @@ def test_session_gunicorn_four_workers_keep_a_login_with_sqlite(tmp_path):
         proc.wait(15)
 
 
+# -- examples/admin.py: login, settings behind CSRF, logout --------------------
+
+@pytest.fixture
+def admin(monkeypatch, tmp_path):
+    import importlib
+    monkeypatch.setenv("ADMIN_SESSION_DB", str(tmp_path / "admin.db"))
+    monkeypatch.setenv("ADMIN_PASSWORD", "s3cret")
+    from examples import admin as module
+    module = importlib.reload(module)  # reads the environment again
+    return module
+
+
+def test_admin_example_login_settings_logout(admin):
+    b = Browser(minipub.Application(admin.Root()))
+    assert b.get("/")[0] == 303  # not logged in
+    token = re.search(r'name="csrf_token" value="([\w-]+)"', b.get("/login")[1]).group(1)
+    before = b.jar["session_id"]
+    assert b.get("/login", "POST", urlencode({"user": "admin", "password": "nope", "csrf_token": token}).encode(),
+                 FORM)[0] == 403
+    assert b.get("/login", "POST", urlencode({"user": "admin", "password": "s3cret", "csrf_token": token}).encode(),
+                 FORM)[0] == 303
+    assert b.jar["session_id"] != before  # regenerated on login
+    status, body = b.get("/settings")
+    assert status == 200 and "Logged in" not in body
+    token = re.search(r'name="csrf_token" value="([\w-]+)"', body).group(1)
+    change = {"hostname": "box1", "ntp_server": "ntp.example"}
+    assert b.get("/settings", "POST", urlencode(change).encode(), dict(FORM, Origin="http://evil.example"))[0] == 403
+    assert admin.SETTINGS["hostname"] == "appliance"
+    assert b.get("/settings", "POST", urlencode(dict(change, csrf_token=token)).encode(),
+                 dict(FORM, Origin="http://evil.example"))[0] == 303
+    assert admin.SETTINGS["hostname"] == "box1" and "box1" in b.get("/")[1]
+    assert b.get("/logout", "POST", ("csrf_token=" + token).encode(), FORM)[0] == 303
+    assert b.get("/")[0] == 303
+
+
+def test_admin_example_from_the_command_line(tmp_path):
+    import http.cookiejar
+    port = free_port()
+    env = dict(os.environ, ADMIN_SESSION_DB=str(tmp_path / "admin.db"), ADMIN_PASSWORD="pw")
+    proc = subprocess.Popen([sys.executable, "minipub.py", "examples.admin:Root", "--port", str(port),
+                             "--log.screen", "false"], cwd=HERE, env=env)
+    try:
+        wait_for_port(port, proc)
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        base = "http://127.0.0.1:%d" % port
+        token = re.search(rb'value="([\w-]+)"', opener.open(base + "/login", timeout=5).read()).group(1).decode()
+        form = urlencode({"user": "admin", "password": "pw", "csrf_token": token}).encode()
+        assert b"Logged in as admin" in opener.open(base + "/login", form, timeout=5).read()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 # ===========================================================================
 # Reloader
 # ===========================================================================
