@@ -3236,14 +3236,21 @@ def _session_json(data) -> str:
         raise TypeError("session values must be JSON (str, int, float, bool, None, list, dict): %s" % exc) from None
 
 
-class _Locks:
-    """One lock per session, keyed by a slot taken from the (random) id: a thread lock, and for a
-    store that several processes share, a POSIX record lock on one lock file at that slot.
-    Record locks belong to a process, so the thread lock is what keeps two threads of one
-    worker apart; two ids in one slot merely wait for each other."""
+class MemoryStore:
+    """Sessions in this process's memory (the default, CherryPy's "ram"): the fastest, but lost
+    on restart and not shared between workers.  Values are kept as they are, not as JSON.
 
-    def __init__(self, lock_file: str = None):
-        self.guard, self.held, self.lock_file, self.fd = threading.Lock(), {}, lock_file, None
+    Locking, shared by the stores: one lock per session, keyed by a slot taken from the (random)
+    id; a thread lock, and for a store that several processes share (``lock_file``), a POSIX
+    record lock on that file at the same slot.  Record locks belong to a process, so the thread
+    lock is what keeps two threads of one worker apart; two ids in one slot merely wait."""
+
+    lock_file = None
+
+    def __init__(self, storage_path: str = None, secret=()):
+        self.path, self.timer, self.sessions, self.guard, self.held = storage_path, None, {}, threading.Lock(), {}
+        # Never closed: closing any descriptor of the file drops all of this process's locks on it.
+        self.fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600) if self.lock_file else None
 
     def acquire(self, sid: str) -> None:
         slot = int.from_bytes(sid[:6].encode(), "big")
@@ -3251,45 +3258,36 @@ class _Locks:
             entry = self.held.setdefault(slot, [threading.Lock(), 0])
             entry[1] += 1
         entry[0].acquire()
-        if self.lock_file:
-            import fcntl  # Unix: several processes (gunicorn -w N) share the store
-            if self.fd is None:
-                self.fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # never closed: closing drops the locks
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, slot)
+        try:
+            if self.fd is not None:
+                import fcntl  # Unix: several processes (gunicorn -w N) share the store
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, slot)
+        except BaseException:
+            self._drop(slot, entry)
+            raise
 
     def release(self, sid: str) -> None:
         slot = int.from_bytes(sid[:6].encode(), "big")
         with self.guard:
             entry = self.held[slot]
-        if self.lock_file:
-            import fcntl
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, slot)
+        try:
+            if self.fd is not None:
+                import fcntl
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, slot)
+        finally:
+            self._drop(slot, entry)
+
+    def _drop(self, slot, entry):
         entry[0].release()
         with self.guard:
             entry[1] -= 1
             if not entry[1]:
                 del self.held[slot]
 
-
-class MemoryStore:
-    """Sessions in this process's memory (the default, CherryPy's "ram"): the fastest, but lost
-    on restart and not shared between workers.  Values are kept as they are, not as JSON."""
-
-    lock_file = None
-
-    def __init__(self, storage_path: str = None, secret=()):
-        self.path, self.locks, self.timer, self.sessions = storage_path, _Locks(self.lock_file), None, {}
-
-    def acquire(self, sid: str) -> None:
-        self.locks.acquire(sid)
-
-    def release(self, sid: str) -> None:
-        self.locks.release(sid)
-
     def arm(self, minutes: float, clock) -> None:
         """Start the cleanup timer unless it runs: called by a save, so no session means no timer."""
         if self.timer is None and minutes > 0:
-            with self.locks.guard:
+            with self.guard:
                 if self.timer is None:
                     self.timer = threading.Timer(minutes * 60, self._sweep, (minutes, clock))
                     self.timer.daemon, self.timer.name = True, "minipub-session-cleanup"
@@ -3462,7 +3460,8 @@ class CookieStore(MemoryStore):
         import base64
         import hmac
         payload, dot, mac = token.rpartition(".")
-        if not dot or not token.isascii() or not any(hmac.compare_digest(self._mac(k, payload).encode(), mac.encode()) for k in self.keys):
+        if not dot or not token.isascii() or not any(
+                hmac.compare_digest(self._mac(k, payload).encode(), mac.encode()) for k in self.keys):
             return None  # unsigned, tampered, or signed under a secret no longer listed
         import json
         record = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -3527,9 +3526,9 @@ class Session(MutableMapping):
         if locking == "early":
             self._open()
 
-    def _open(self):
+    def _open(self) -> dict:
         if self.loaded:
-            return
+            return self._data
         token = self.originalid
         if token and _SESSION_ID.fullmatch(token) and self.locking != "explicit":
             self._lock(token)  # implicit: locked from the first use until saved
@@ -3544,6 +3543,7 @@ class Session(MutableMapping):
             self._id, self._data, self.existed = found[0], found[1], True
             self.originalid = found[0]  # the cookie store's cookie is the signed data; its id is inside
         self.loaded = True
+        return self._data
 
     def _lock(self, sid):
         self.store.acquire(sid)
@@ -3555,24 +3555,19 @@ class Session(MutableMapping):
         return self._id
 
     def __getitem__(self, key):
-        self._open()
-        return self._data[key]
+        return self._open()[key]
 
     def __setitem__(self, key, value):
-        self._open()
-        self._data[key] = value
+        self._open()[key] = value
 
     def __delitem__(self, key):
-        self._open()
-        del self._data[key]
+        del self._open()[key]
 
     def __iter__(self):
-        self._open()
-        return iter(list(self._data))
+        return iter(list(self._open()))
 
     def __len__(self):
-        self._open()
-        return len(self._data)
+        return len(self._open())
 
     def acquire_lock(self) -> None:
         """Explicit locking: lock now; data read before is read again under the lock."""
@@ -3655,28 +3650,16 @@ def _session_close():
 
 tools.sessions = Tool("before_request_body", _session_init).also("before_finalize", _session_save) \
     .also("on_end_resource", _session_close)
+
+
 class _SessionProxy(_Proxy):
     """minipub.session: a proxy that is also a mapping (operators are looked up on the type)."""
 
     __slots__ = ()
 
-    def __getitem__(self, key):
-        return self._target()[key]
 
-    def __setitem__(self, key, value):
-        self._target()[key] = value
-
-    def __delitem__(self, key):
-        del self._target()[key]
-
-    def __contains__(self, key):
-        return key in self._target()
-
-    def __iter__(self):
-        return iter(self._target())
-
-    def __len__(self):
-        return len(self._target())
+for _op in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__"):
+    setattr(_SessionProxy, _op, lambda self, *args, _op=_op: getattr(self._target(), _op)(*args))
 
 
 session = _SessionProxy("session")
