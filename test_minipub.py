@@ -2738,6 +2738,23 @@ def test_session_cherrypy_tutorials_5_to_9(tmp_path):
         def whoami(self):
             return cherrypy.session.id  # tutorial 9 keys its sqlite rows on it
 
+    class HitCounter:  # tut07_sessions
+        _cp_config = {"tools.sessions.on": True}
+
+        @cherrypy.expose
+        def index(self):
+            count = cherrypy.session.get("count", 0) + 1
+            cherrypy.session["count"] = count
+            return "You have viewed this page %s times in this session." % count
+
+        @cherrypy.tools.sessions(timeout=5)  # the decorator form, with an argument
+        @cherrypy.expose
+        def short(self):
+            cherrypy.session["count"] = 0
+            return "reset"
+    counter = Browser(cherrypy.Application(HitCounter()))
+    assert [counter.get("/")[1].split()[5] for _ in range(3)] == ["1", "2", "3"]
+    assert counter.get("/short") == (200, "reset") and "Max-Age=300" in counter.set_cookie
     site = StringGenerator()
     site.generator = StringGeneratorWebService()
     conf = {"/": {"tools.sessions.on": True},
