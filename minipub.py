@@ -61,7 +61,8 @@ __all__ = [
     "NotFound", "ProtocolError", "ConfigError", "RequestParser", "RequestHead", "LIMITS", "make_config",
     "load_config", "main", "VirtualHost", "bind_socket", "make_ssl_context", "auth_basic", "auth_digest",
     "StaticDir", "serve_file", "Part", "Request", "Response", "HeaderDict", "FileWrapper", "NEED_DATA",
-    "END_OF_MESSAGE", "TestClient",
+    "END_OF_MESSAGE", "TestClient", "session", "Session", "csrf_token", "MemoryStore", "FileStore",
+    "SqliteStore", "CookieStore",
 ]
 
 # Heavy modules (ssl, json, inspect, logging, email, tempfile, urllib.parse,
@@ -3620,6 +3621,520 @@ def _gzipped(chunks, level: int):
 
 
 tools.gzip = Tool("before_finalize", _gzip, priority=90)
+
+
+# -- sessions: server-side stores or a signed cookie; CSRF --------------------
+# tools.sessions (CherryPy's argument names and defaults where they exist)
+# makes minipub.session at before_request_body, saves it at before_finalize
+# (which also runs after a redirect or an HTTPError: a login that redirects
+# keeps its session) and releases its lock at on_end_resource, which runs
+# always: a handler that raises or a client that vanishes never leaves a
+# session locked.  A store is a small class: load(token) -> (id, data,
+# expires) or None, save(id, data, expires) -> the cookie value, delete(id),
+# acquire(id), release(id), clean_up(now) -> sessions left.  The file, sqlite
+# and cookie stores hold JSON, never pickle: a writable session directory must
+# not be code execution.  Nothing wakes while no session exists: the cleanup
+# timer is armed by a save and re-armed only while the store holds sessions.
+
+_SESSION_ID = _Lazy(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32): 256 random bits
+
+
+def _new_session_id() -> str:
+    import secrets
+    return secrets.token_urlsafe(32)
+
+
+def _session_json(data) -> str:
+    """``data`` as JSON, or a TypeError now, at save time, naming what JSON cannot hold."""
+    import json
+    keys = [k for k in data if not isinstance(k, str)]
+    if keys:  # json.dumps would silently turn them into strings
+        raise TypeError("session keys must be str, got %r" % (keys[0],))
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError("session values must be JSON (str, int, float, bool, None, list, dict): %s" % exc) from None
+
+
+class MemoryStore:
+    """Sessions in this process's memory (the default, CherryPy's "ram"): the fastest, but lost
+    on restart and not shared between workers.  Values are kept as they are, not as JSON.
+
+    Locking, shared by the stores: one lock per session, keyed by a slot taken from the (random)
+    id; a thread lock, and for a store that several processes share (``lock_file``), a POSIX
+    record lock on that file at the same slot.  Record locks belong to a process, so the thread
+    lock is what keeps two threads of one worker apart; two ids in one slot merely wait."""
+
+    lock_file = None
+
+    def __init__(self, storage_path: str = None, secret=()):
+        self.path, self.timer, self.sessions, self.guard, self.held = storage_path, None, {}, threading.Lock(), {}
+        # Never closed: closing any descriptor of the file drops all of this process's locks on it.
+        self.fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600) if self.lock_file else None
+
+    def acquire(self, sid: str) -> None:
+        slot = int.from_bytes(sid[:6].encode(), "big")
+        with self.guard:
+            entry = self.held.setdefault(slot, [threading.Lock(), 0])
+            entry[1] += 1
+        entry[0].acquire()
+        try:
+            if self.fd is not None:
+                import fcntl  # Unix: several processes (gunicorn -w N) share the store
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, slot)
+        except BaseException:
+            self._drop(slot, entry)
+            raise
+
+    def release(self, sid: str) -> None:
+        slot = int.from_bytes(sid[:6].encode(), "big")
+        with self.guard:
+            entry = self.held[slot]
+        try:
+            if self.fd is not None:
+                import fcntl
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, slot)
+        finally:
+            self._drop(slot, entry)
+
+    def _drop(self, slot, entry):
+        entry[0].release()
+        with self.guard:
+            entry[1] -= 1
+            if not entry[1]:
+                del self.held[slot]
+
+    def arm(self, minutes: float, clock) -> None:
+        """Start the cleanup timer unless it runs: called by a save, so no session means no timer."""
+        if self.timer is None and minutes > 0:
+            with self.guard:
+                if self.timer is None:
+                    self.timer = threading.Timer(minutes * 60, self._sweep, (minutes, clock))
+                    self.timer.daemon, self.timer.name = True, "minipub-session-cleanup"
+                    self.timer.start()
+
+    def _sweep(self, minutes, clock):
+        self.timer, left = None, 1
+        try:
+            left = self.clean_up(clock())
+        except Exception:  # a failed sweep is logged and retried; it must not end cleanups for good
+            _logger().exception("Session cleanup failed")
+        if left:
+            self.arm(minutes, clock)
+
+    def load(self, token: str):
+        found = self.sessions.get(token)
+        return None if found is None else (token, dict(found[1]), found[0])
+
+    def save(self, sid: str, data: dict, expires: float) -> str:
+        self.sessions[sid] = (expires, dict(data))
+        return sid
+
+    def delete(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+
+    def clean_up(self, now: float) -> int:
+        for sid, (expires, _) in list(self.sessions.items()):
+            if expires < now:
+                self.sessions.pop(sid, None)
+        return len(self.sessions)
+
+
+def _session_record(sid, text):
+    """(id, data, expires) from a stored JSON record, or None (logged, never the id) if it is not one."""
+    import json
+    try:
+        record = json.loads(text)
+        if isinstance(record, dict) and isinstance(record.get("data"), dict):
+            return sid, record["data"], float(record["expires"])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        pass
+    _logger().warning("An unreadable session record was ignored (not JSON written by minipub)")
+    return None
+
+
+class FileStore(MemoryStore):
+    """One JSON file per session in ``storage_path``, replaced atomically (write, then rename):
+    shared by the processes of one machine and kept across restarts."""
+
+    def __init__(self, storage_path: str = None, secret=()):
+        if not storage_path:
+            raise ConfigError("tools.sessions.storage_path: the file store needs a directory")
+        os.makedirs(storage_path, 0o700, exist_ok=True)
+        self.lock_file = os.path.join(storage_path, ".lock")
+        super().__init__(storage_path)
+
+    def _file(self, sid):
+        return os.path.join(self.path, "session-" + sid)
+
+    def load(self, token: str):
+        if not _SESSION_ID.fullmatch(token):  # the id names a file: nothing else reaches the disk
+            return None
+        try:
+            with open(self._file(token), "rb") as file:
+                return _session_record(token, file.read())
+        except FileNotFoundError:
+            return None
+
+    def save(self, sid: str, data: dict, expires: float) -> str:
+        text = _session_json({"expires": expires, "data": data}).encode("utf-8")
+        temp = "%s.%d-%d.tmp" % (self._file(sid), os.getpid(), threading.get_ident())
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(fd, "wb") as file:
+                file.write(text)
+            os.replace(temp, self._file(sid))  # readers see the old file or the new one, never half
+        except BaseException:
+            os.unlink(temp)
+            raise
+        return sid
+
+    def delete(self, sid: str) -> None:
+        try:
+            os.unlink(self._file(sid))
+        except FileNotFoundError:
+            pass
+
+    def clean_up(self, now: float) -> int:
+        left = 0
+        for name in os.listdir(self.path):
+            sid = name[8:]
+            if not (name.startswith("session-") and _SESSION_ID.fullmatch(sid)):
+                continue
+            self.acquire(sid)
+            try:
+                found = self.load(sid)
+                if found is not None and found[2] < now:
+                    self.delete(sid)
+                else:
+                    left += found is not None
+            finally:
+                self.release(sid)
+        return left
+
+
+class SqliteStore(MemoryStore):
+    """One SQLite database file (WAL) for every session: shared by ``gunicorn -w N`` workers
+    and reloader generations, kept across restarts; one connection per thread."""
+
+    def __init__(self, storage_path: str = None, secret=()):
+        if not storage_path:
+            raise ConfigError("tools.sessions.storage_path: the sqlite store needs a database file")
+        self.lock_file, self.local = storage_path + "-lock", threading.local()
+        super().__init__(storage_path)
+        self._db()  # a bad path fails at the first request, not at the first save
+
+    def _db(self):
+        local = self.local
+        if getattr(local, "pid", None) != os.getpid():  # a connection never crosses a fork
+            import sqlite3
+            local.db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            local.db.execute("PRAGMA journal_mode=WAL")
+            local.db.execute("CREATE TABLE IF NOT EXISTS minipub_sessions "
+                             "(id TEXT PRIMARY KEY, expires REAL NOT NULL, record TEXT NOT NULL)")
+            local.pid = os.getpid()
+        return local.db
+
+    def load(self, token: str):
+        row = self._db().execute("SELECT record FROM minipub_sessions WHERE id = ?", (token,)).fetchone()
+        return None if row is None else _session_record(token, row[0])
+
+    def save(self, sid: str, data: dict, expires: float) -> str:
+        self._db().execute("INSERT OR REPLACE INTO minipub_sessions VALUES (?, ?, ?)",
+                           (sid, expires, _session_json({"expires": expires, "data": data})))
+        return sid
+
+    def delete(self, sid: str) -> None:
+        self._db().execute("DELETE FROM minipub_sessions WHERE id = ?", (sid,))
+
+    def clean_up(self, now: float) -> int:
+        db = self._db()
+        db.execute("DELETE FROM minipub_sessions WHERE expires < ?", (now,))
+        return db.execute("SELECT count(*) FROM minipub_sessions").fetchone()[0]
+
+
+class CookieStore(MemoryStore):
+    """The session inside its cookie: JSON signed with HMAC-SHA256 under the first of ``secret``
+    (any of them is accepted, so secrets rotate), expiry signed inside.  For several hosts with
+    no shared store.  The client can READ it (base64 is not encryption), cannot change it, and
+    a stolen cookie stays valid until it expires: nothing server-side can revoke it."""
+
+    limit = 4000  # browsers keep ~4096 bytes per cookie, name and attributes included
+
+    def __init__(self, storage_path: str = None, secret=()):
+        keys = [secret] if isinstance(secret, (str, bytes)) else list(secret or ())
+        if not keys or not all(keys):
+            raise ConfigError("the cookie session store needs tools.sessions.secret: a list of secrets "
+                              "(signs with the first, accepts any)")
+        super().__init__()
+        self.keys = [k.encode("utf-8") if isinstance(k, str) else k for k in keys]
+
+    def _mac(self, key: bytes, payload: str) -> str:
+        import base64
+        import hashlib
+        import hmac
+        digest = hmac.new(key, payload.encode("ascii"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def load(self, token: str):
+        import base64
+        import hmac
+        payload, dot, mac = token.rpartition(".")
+        if not dot or not token.isascii() or not any(
+                hmac.compare_digest(self._mac(k, payload).encode(), mac.encode()) for k in self.keys):
+            return None  # unsigned, tampered, or signed under a secret no longer listed
+        import json
+        record = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return record["id"], record["data"], record["expires"]
+
+    def save(self, sid: str, data: dict, expires: float) -> str:
+        import base64
+        text = _session_json({"id": sid, "expires": expires, "data": data})
+        payload = base64.urlsafe_b64encode(text.encode("utf-8")).rstrip(b"=").decode("ascii")
+        token = payload + "." + self._mac(self.keys[0], payload)
+        if len(token) > self.limit:
+            raise ValueError("the session is %d bytes as a cookie; browsers keep about 4 KB: store less, "
+                             "or use a server-side store" % len(token))
+        return token
+
+    def delete(self, sid: str) -> None:
+        pass  # the expired cookie is the deletion
+
+    def acquire(self, sid: str) -> None:
+        pass  # the data is in the client's requests: nothing here to lock
+
+    release = acquire
+
+    def arm(self, minutes, clock) -> None:
+        pass  # nothing stored here, nothing to clean
+
+
+_STORE_TYPES = {"memory": MemoryStore, "ram": MemoryStore, "file": FileStore, "sqlite": SqliteStore,
+                "cookie": CookieStore}
+_stores, _stores_lock = {}, threading.Lock()
+
+
+def _store_for(storage_class, storage_type: str, storage_path: str, secret):
+    """The one store of these settings in this process (a class is instantiated once; an instance is used as is)."""
+    if storage_class is not None and not isinstance(storage_class, type):
+        return storage_class
+    cls = storage_class or _STORE_TYPES.get(storage_type)
+    if cls is None:
+        raise ConfigError("tools.sessions.storage_type %r: use one of %s" % (storage_type, ", ".join(_STORE_TYPES)))
+    key = (cls, storage_path, tuple(secret) if isinstance(secret, list) else secret)
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = cls(storage_path, secret)
+    return store
+
+
+from collections.abc import MutableMapping  # noqa: E402 - loaded with os already; costs nothing
+
+
+class Session(MutableMapping):
+    """minipub.session: a dict of this client's data, loaded at first use.  ``id`` (a fresh one
+    when the client sent none, or one the store does not know: never adopted), ``originalid``
+    (what the client sent), ``loaded``, ``regenerate()``, ``delete()``, ``acquire_lock()``."""
+
+    def __init__(self, store, token: str, timeout: float, locking: str, clock=time.time):
+        if locking not in ("implicit", "early", "explicit"):
+            raise ConfigError("tools.sessions.locking %r: use implicit, early or explicit" % (locking,))
+        self.store, self.timeout, self.locking, self.clock = store, timeout, locking, clock
+        self.originalid, self.loaded, self.locked, self.existed = token, False, None, False
+        self._id, self._data, self._discard, self._gone = None, None, [], False
+        if locking == "early":
+            self._open()
+
+    def _open(self) -> dict:
+        if self.loaded:
+            return self._data
+        token = self.originalid
+        if token and _SESSION_ID.fullmatch(token) and self.locking != "explicit":
+            self._lock(token)  # implicit: locked from the first use until saved
+        found = self.store.load(token) if token else None
+        if found is not None and found[2] < self.clock():
+            self.store.delete(found[0])  # expired: removed now, lazily
+            found = None
+        if found is None:
+            self.release_lock()
+            self._id, self._data = _new_session_id(), {}
+        else:
+            self._id, self._data, self.existed = found[0], found[1], True
+            self.originalid = found[0]  # the cookie store's cookie is the signed data; its id is inside
+        self.loaded = True
+        return self._data
+
+    def _lock(self, sid):
+        self.store.acquire(sid)
+        self.locked = sid
+
+    @property
+    def id(self) -> str:
+        self._open()
+        return self._id
+
+    def __getitem__(self, key):
+        return self._open()[key]
+
+    def __setitem__(self, key, value):
+        self._open()[key] = value
+
+    def __delitem__(self, key):
+        del self._open()[key]
+
+    def __iter__(self):
+        return iter(list(self._open()))
+
+    def __len__(self):
+        return len(self._open())
+
+    def acquire_lock(self) -> None:
+        """Explicit locking: lock now; data read before is read again under the lock."""
+        self._open()
+        if not self.locked:
+            self._lock(self._id)
+            found = self.store.load(self._id) if self.existed else None
+            if found is not None:
+                self._data = found[1]
+
+    def release_lock(self) -> None:
+        if self.locked:
+            sid, self.locked = self.locked, None
+            self.store.release(sid)
+
+    def regenerate(self) -> None:
+        """A fresh id for the same data (do it on login): the old id is deleted when this one is saved."""
+        self._open()
+        self._discard.append(self._id)
+        self._id = _new_session_id()
+
+    def delete(self) -> None:
+        """Forget the session in the store and expire its cookie."""
+        self._open()
+        self.store.delete(self._id)
+        self._id, self._data, self.existed, self._gone = _new_session_id(), {}, False, True
+
+    def save(self, set_cookie) -> bool:
+        """Store the data if it was used and has any (``set_cookie(value or None)``); always unlocks."""
+        try:
+            saved = self.loaded and bool(self._data or self.existed)
+            if saved:
+                set_cookie(self.store.save(self._id, self._data, self.clock() + self.timeout * 60))
+            elif self._gone or self._discard:
+                set_cookie(None)
+            for old in self._discard:  # after the new id is stored: no moment without the data
+                self.store.delete(old)
+            self._discard = []
+            return saved
+        finally:
+            self.release_lock()
+
+
+def _session_init(storage_class=None, storage_type: str = "memory", storage_path: str = None, timeout: float = 60,
+                  locking: str = "implicit", name: str = "session_id", path: str = "/", path_header: str = None,
+                  domain: str = None, secure: bool = None, httponly: bool = True, samesite: str = "Lax",
+                  persistent: bool = True, secret=(), clean_freq: float = 5, clock=time.time, debug: bool = False):
+    req = _local.request
+    store = _store_for(storage_class, storage_type, storage_path, secret)
+    sess = Session(store, req.cookies.get(name), timeout, locking, clock)
+    if path_header:
+        path = req.environ.get(_env_key(path_header), path)
+    max_age = int(timeout * 60) if persistent else None
+    sess.cookie = (name, max_age, path, domain, secure, httponly, samesite)
+    sess.clean_freq, sess.debug = clean_freq, debug
+    _local.session = sess
+
+
+def _session_save():
+    sess = _local.__dict__.get("session")
+    if sess is None:
+        return
+    name, max_age, path, domain, secure, httponly, samesite = sess.cookie
+
+    def set_cookie(value):
+        gone = value is None
+        _local.response.set_cookie(name, "" if gone else value, 0 if gone else max_age, path, domain, secure,
+                                   httponly, samesite)
+    if sess.save(set_cookie):
+        sess.store.arm(sess.clean_freq, sess.clock)
+    if sess.debug:
+        _logger().debug("session %s", "saved" if sess.loaded else "not used")  # never the id
+
+
+def _session_close():
+    sess = _local.__dict__.pop("session", None)
+    if sess is not None:
+        sess.release_lock()
+
+
+tools.sessions = Tool("before_request_body", _session_init).also("before_finalize", _session_save) \
+    .also("on_end_resource", _session_close)
+
+
+class _SessionProxy(_Proxy):
+    """minipub.session: a proxy that is also a mapping (operators are looked up on the type)."""
+
+    __slots__ = ()
+
+
+for _op in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__"):
+    setattr(_SessionProxy, _op, lambda self, *args, _op=_op: getattr(self._target(), _op)(*args))
+
+
+session = _SessionProxy("session")
+
+
+_UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def csrf_token() -> str:
+    """This session's CSRF token, made at first use: send it back as the ``csrf_token`` form field
+    or the X-CSRF-Token header of a form or request the csrf tool checks."""
+    sess = _local.__dict__.get("session")
+    if sess is None:
+        raise RuntimeError("minipub.csrf_token() needs tools.sessions.on for this path")
+    if "_csrf_token" not in sess:
+        import secrets
+        sess["_csrf_token"] = secrets.token_urlsafe(32)
+    return sess["_csrf_token"]
+
+
+def _origin(scheme: str, host: str) -> str:
+    """scheme://host with the default port left out, as browsers write Origin (RFC 6454 6.1)."""
+    host = host.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme.lower())
+    return "%s://%s" % (scheme.lower(), host[:-len(default)] if default and host.endswith(default) else host)
+
+
+def _csrf(methods=_UNSAFE_METHODS, field: str = "csrf_token", header: str = "X-CSRF-Token",
+          cookieless: bool = False, debug: bool = False):
+    """Refuse (403) an unsafe request a browser sent from another origin: accepted when
+    Sec-Fetch-Site says same-origin or none (typed by the user), when Origin is this request's
+    own origin (trusted proxies honoured), or when the session's csrf_token() came back.
+    Without cookies there is no session to ride on, so nothing to check unless ``cookieless``."""
+    req = _local.request
+    env = req.environ
+    sent = req.params.pop(field, None)  # the token is the tool's, not a handler argument
+    if req.method not in methods or (not cookieless and not env.get("HTTP_COOKIE")):
+        return
+    if env.get("HTTP_SEC_FETCH_SITE") in ("same-origin", "none"):
+        return
+    origin = env.get("HTTP_ORIGIN")
+    if origin and origin.rstrip("/").lower() == _origin(req.scheme, req.host):
+        return
+    sent = sent if isinstance(sent, str) else env.get(_env_key(header))
+    sess = _local.__dict__.get("session")
+    expected = sess.get("_csrf_token") if sess is not None else None
+    import hmac
+    if sent and expected and hmac.compare_digest(sent.encode("utf-8"), expected.encode("utf-8")):
+        return
+    raise HTTPError(403, "Cross-site request refused: this %s came from another site (Origin %s, "
+                    "Sec-Fetch-Site %s) without this site's CSRF token." % (
+                        req.method, origin or "not sent", env.get("HTTP_SEC_FETCH_SITE") or "not sent"))
+
+
+tools.csrf = Tool("before_handler", _csrf)
 
 
 # -- authentication (RFC 7617 Basic, RFC 7616 Digest) -----------------------

@@ -2183,7 +2183,9 @@ def test_engine_block_makes_no_wake_ups_while_idle(tmp_path):
         proc.kill()
 
 
-def test_engine_start_and_block_serve_the_tree_in_process(process_config):
+def test_engine_start_and_block_serve_the_tree_in_process(process_config, monkeypatch):
+    monkeypatch.setattr(minipub, "configure_logging", lambda settings: None)  # leave caplog's loggers be
+
     class Root:
         @minipub.expose
         def index(self):
@@ -3435,6 +3437,659 @@ def test_client_wraps_roots_passes_config_and_validates_wsgi():
     with pytest.raises(AssertionError):  # wsgiref.validate is on the way
         minipub.TestClient(not_wsgi).get("/")
     assert minipub.TestClient.__test__ is False  # `from minipub import TestClient` adds no pytest class
+
+
+# ===========================================================================
+# Tools: sessions
+# ===========================================================================
+
+class SessionRoot:
+    _cp_config = {"tools.sessions.on": True}
+
+    @minipub.expose
+    def index(self):  # tut07_sessions: a hit counter
+        count = minipub.session.get("count", 0) + 1
+        minipub.session["count"] = count
+        return str(count)
+
+    @minipub.expose
+    def peek(self):
+        return {"id": minipub.session.id, "original": minipub.session.originalid,
+                "data": dict(minipub.session.items())}
+
+    @minipub.expose
+    def login(self, user="bob"):
+        minipub.session.regenerate()
+        minipub.session["user"] = user
+        raise minipub.HTTPRedirect("/peek")
+
+    @minipub.expose
+    def logout(self):
+        minipub.session.delete()
+        return "bye"
+
+    @minipub.expose
+    def missing(self):
+        minipub.session["seen"] = True
+        raise minipub.NotFound()
+
+    @minipub.expose
+    def untouched(self):
+        return "hello"
+
+    @minipub.expose
+    def bad(self, kind="set"):
+        minipub.session["x"] = {1, 2} if kind == "set" else "x" * 5000
+        return "stored"
+
+
+STORE_KINDS = ("memory", "file", "sqlite", "cookie")
+
+
+def session_config(kind, tmp_path, **more):
+    conf = {"tools.sessions.storage_type": kind}
+    if kind == "file":
+        conf["tools.sessions.storage_path"] = str(tmp_path / "sessions")
+    elif kind == "sqlite":
+        conf["tools.sessions.storage_path"] = str(tmp_path / "sessions.db")
+    elif kind == "cookie":
+        conf["tools.sessions.secret"] = ["new secret", "old secret"]
+    conf.update(("tools.sessions." + k, v) for k, v in more.items())
+    return {"/": conf}
+
+
+class Browser:
+    """A cookie jar over call_app: keeps what Set-Cookie says, as a browser would."""
+
+    def __init__(self, app):
+        self.app, self.jar, self.set_cookie = app, {}, None
+
+    def get(self, path, method="GET", body=b"", headers=None):
+        headers = dict(headers or {})
+        if self.jar:
+            headers["Cookie"] = "; ".join("%s=%s" % kv for kv in self.jar.items())
+        status, fields, data = call_app(self.app, method, path, body=body, headers=headers)
+        self.set_cookie = fields.get("set-cookie")
+        if self.set_cookie:
+            pair, _, attrs = self.set_cookie.partition(";")
+            name, _, value = pair.partition("=")
+            if "Max-Age=0" in attrs:
+                self.jar.pop(name, None)
+            else:
+                self.jar[name] = value
+        return status, data.decode()
+
+
+def _peek(browser):
+    status, body = browser.get("/peek")
+    assert status == 200, body
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_session_round_trip_expiry_regenerate_delete(kind, tmp_path):
+    clock = FakeClock()
+    app = minipub.Application(SessionRoot(), session_config(kind, tmp_path, timeout=10, clock=clock))
+    b = Browser(app)
+    assert b.get("/untouched") == (200, "hello") and b.set_cookie is None  # unused: nothing stored, no cookie
+    assert [b.get("/")[1] for _ in range(3)] == ["1", "2", "3"]
+    first = _peek(b)
+    assert first["data"] == {"count": 3} and first["id"] == first["original"]
+    assert "Max-Age=600" in b.set_cookie
+    assert b.get("/login?user=ann")[0] == 303  # saved on the redirect, under a fresh id
+    after = _peek(b)
+    assert after["data"] == {"count": 3, "user": "ann"} and after["id"] != first["id"]
+    if kind != "cookie":  # the old id is gone from the store: replaying it gets an empty session
+        assert minipub._store_for(None, kind, app.sections["/"].get("tools.sessions.storage_path"),
+                                  ("new secret", "old secret")).load(first["id"]) is None
+    clock.now += 9 * 60
+    assert b.get("/")[1] == "4"  # each save moves the expiry on: 10 minutes from the last use
+    clock.now += 10 * 60 + 1
+    assert b.get("/")[1] == "1"  # expired: a new session
+    assert b.get("/logout") == (200, "bye") and "Max-Age=0" in b.set_cookie
+    assert b.jar == {} and b.get("/")[1] == "1"
+
+
+def test_session_cookie_store_refuses_tampered_expired_and_unknown_secrets(tmp_path):
+    clock = FakeClock()
+    app = minipub.Application(SessionRoot(), session_config("cookie", tmp_path, timeout=1, clock=clock))
+    b = Browser(app)
+    b.get("/")
+    b.get("/")
+    good = b.jar["session_id"]
+    payload, _, mac = good.rpartition(".")
+    assert base64.urlsafe_b64decode(payload + "==")  # readable by the client: say so in the README
+    forged = base64.urlsafe_b64encode(base64.urlsafe_b64decode(payload + "==").replace(
+        b'"count":2', b'"count":9')).rstrip(b"=").decode()
+    for cookie in (forged + "." + mac, good[:-2] + "xx", "garbage", good + "\u00e9"):
+        b.jar["session_id"] = cookie
+        assert b.get("/")[1] == "1", cookie  # refused: a fresh session
+    old = minipub.CookieStore(secret=["old secret"]).save("x" * 43, {"count": 5}, clock.now + 60)
+    b.jar["session_id"] = old
+    assert b.get("/")[1] == "6"  # signed with a secret still listed: accepted, re-signed with the first
+    assert minipub.CookieStore(secret=["new secret"]).load(b.jar["session_id"])[1] == {"count": 6}
+    b.jar["session_id"] = minipub.CookieStore(secret=["retired"]).save("x" * 43, {"count": 5}, clock.now + 60)
+    assert b.get("/")[1] == "1"
+    b.jar["session_id"] = old
+    clock.now += 61
+    assert b.get("/")[1] == "1"  # expiry is signed inside: an old cookie replayed later is refused
+    with pytest.raises(minipub.ConfigError, match="secret"):
+        minipub.CookieStore()
+
+
+@pytest.mark.parametrize("kind, kind_of_bad, error", [("file", "set", TypeError), ("sqlite", "set", TypeError),
+                                                      ("cookie", "set", TypeError), ("cookie", "big", ValueError)])
+def test_session_values_json_cannot_hold_fail_at_save(kind, kind_of_bad, error, tmp_path, caplog):
+    app = minipub.Application(SessionRoot(), session_config(kind, tmp_path))
+    b = Browser(app)
+    assert b.get("/")[1] == "1"
+    status, _ = b.get("/bad?kind=" + kind_of_bad)
+    assert status == 500
+    assert any(r.exc_info and r.exc_info[0] is error for r in caplog.records), caplog.text
+    assert b.get("/")[1] == "2"  # the failed save left the session as it was, and unlocked
+
+
+def test_session_404_keeps_the_cookie_and_fixation_is_refused(tmp_path):
+    app = minipub.Application(SessionRoot(), session_config("file", tmp_path))
+    b = Browser(app)
+    assert b.get("/missing")[0] == 404 and "session_id=" in b.set_cookie
+    assert _peek(b)["data"] == {"seen": True}
+    planted = "A" * 43  # well formed, but the store never issued it
+    b.jar["session_id"] = planted
+    b.get("/")
+    assert b.jar["session_id"] != planted and _peek(b)["original"] == b.jar["session_id"]
+    assert not (tmp_path / "sessions" / ("session-" + planted)).exists()
+
+
+def test_session_planted_pickle_in_the_store_is_not_executed(tmp_path, caplog):
+    import pickle
+    app = minipub.Application(SessionRoot(), session_config("file", tmp_path))
+    b = Browser(app)
+    b.get("/")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    sid = "B" * 43
+    (tmp_path / "sessions" / ("session-" + sid)).write_bytes(pickle.dumps(Exploit()))
+    b.jar["session_id"] = sid
+    assert b.get("/")[1] == "1"
+    assert not marker.exists() and b.jar["session_id"] != sid
+    assert "unreadable session record" in caplog.text and sid not in caplog.text  # ids are never logged
+
+
+class _LockedCounter:
+    _cp_config = {"tools.sessions.on": True}
+
+    @minipub.expose
+    def index(self):
+        if minipub.session.locking == "explicit":
+            minipub.session.acquire_lock()
+        count = minipub.session.get("count", 0)
+        threading.Event().wait(0.002)  # widens the read-modify-write window; not a wait for readiness
+        minipub.session["count"] = count + 1
+        return str(count + 1)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("locking", ["implicit", "early", "explicit"])
+def test_session_concurrent_updates_are_never_lost(serve, tmp_path, kind, locking):
+    app = minipub.Application(_LockedCounter(), session_config(kind, tmp_path, locking=locking))
+    port = serve(app).port
+    with urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5) as first:
+        cookie = first.headers["Set-Cookie"].split(";")[0]
+    errors = []
+
+    def hammer():
+        try:
+            for _ in range(8):
+                req = urllib.request.Request("http://127.0.0.1:%d/" % port, headers={"Cookie": cookie})
+                urllib.request.urlopen(req, timeout=10).read()
+        except OSError as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    req = urllib.request.Request("http://127.0.0.1:%d/" % port, headers={"Cookie": cookie})
+    assert urllib.request.urlopen(req, timeout=5).read() == b"50"  # 1 + 6 * 8 + this one
+
+
+def test_session_lock_released_when_the_handler_raises_or_the_client_goes(serve):
+    store = minipub.MemoryStore()
+
+    class Root:
+        _cp_config = {"tools.sessions.on": True, "tools.sessions.storage_class": store}
+
+        @minipub.expose
+        def index(self, fail=""):
+            minipub.session["n"] = minipub.session.get("n", 0) + 1  # locked from here (implicit)
+            if fail:
+                raise RuntimeError("boom")
+            return str(minipub.session["n"])
+
+        @minipub.expose
+        def upload(self):
+            minipub.session["n"] = 0
+            return minipub.request.body.read()  # the client vanishes while this waits
+    app = minipub.Application(Root())
+    b = Browser(app)
+    b.get("/")
+    assert b.get("/?fail=1")[0] == 500
+    assert store.held == {}  # checked first: a lock left held would make the next request wait for ever
+    assert b.get("/") == (200, "2")  # the crashed request saved nothing
+    port = serve(app).port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nCookie: session_id=%s\r\nContent-Length: 100000\r\n"
+                     b"\r\npartial" % b.jar["session_id"].encode())
+        assert wait_until(lambda: store.held, 5)  # the handler holds the session's lock
+    assert wait_until(lambda: not store.held, 5)  # released when the client went
+    assert b.get("/") == (200, "3")
+
+
+def test_session_cookie_attributes_http_https_and_trusted_proxy(serve, tls):
+    app = minipub.Application(SessionRoot(), {"server.trusted_proxies": ["127.0.0.1"]})
+    server = serve(app)
+    plain = responses(exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))[0][1]
+    assert re.fullmatch(r"session_id=[A-Za-z0-9_-]{43}; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax",
+                        plain["set-cookie"])
+    proxied = responses(exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-Proto: https\r\n"
+                                 b"Connection: close\r\n\r\n"))[0][1]
+    assert proxied["set-cookie"].endswith("; Max-Age=3600; Secure; HttpOnly; SameSite=Lax")
+    secure = serve(app, **_tls_options(tls))
+    out = _curl("-si", "--cacert", tls["ca"], "https://localhost:%d/" % secure.port)
+    assert re.search(rb"(?i)set-cookie: session_id=[\w-]{43}; Path=/; Max-Age=3600; Secure; HttpOnly; "
+                     rb"SameSite=Lax\r\n", out.stdout), out.stdout
+    custom = minipub.Application(SessionRoot(), {"/": {
+        "tools.sessions.name": "sid", "tools.sessions.path": "/app", "tools.sessions.domain": "example.test",
+        "tools.sessions.persistent": False, "tools.sessions.samesite": "Strict", "tools.sessions.secure": True}})
+    fields = call_app(custom, "GET", "/")[1]
+    assert re.fullmatch(r"sid=[\w-]{43}; Path=/app; Domain=example.test; Secure; HttpOnly; SameSite=Strict",
+                        fields["set-cookie"])
+    with pytest.raises(minipub.ConfigError, match="no argument 'tiemout'"):
+        minipub.Application(SessionRoot(), {"/": {"tools.sessions.tiemout": 5}})
+
+
+def test_session_file_and_sqlite_read_by_another_process(tmp_path):
+    for kind in ("file", "sqlite"):
+        conf = session_config(kind, tmp_path)
+        b = Browser(minipub.Application(SessionRoot(), conf))
+        b.get("/")
+        b.get("/")
+        code = ("import sys, json, minipub; store = minipub.%s(sys.argv[1]); print(json.dumps(store.load(sys.argv[2])))"
+                % {"file": "FileStore", "sqlite": "SqliteStore"}[kind])
+        out = subprocess.run([sys.executable, "-c", code, conf["/"]["tools.sessions.storage_path"],
+                              b.jar["session_id"]], capture_output=True, text=True, timeout=20,
+                             env=dict(os.environ, PYTHONPATH=HERE))
+        sid, data, expires = json.loads(out.stdout)
+        assert (sid, data) == (b.jar["session_id"], {"count": 2}) and expires > time.time(), out.stderr
+
+
+_SESSION_RELOAD_APP = '''import os, minipub
+class Root:
+    _cp_config = {"tools.sessions.on": True, "tools.sessions.storage_type": "sqlite",
+                  "tools.sessions.storage_path": "sessions.db"}
+    @minipub.expose
+    def index(self):
+        minipub.session["n"] = minipub.session.get("n", 0) + 1
+        return "%s %d" % (GENERATION, minipub.session["n"])
+GENERATION = "GENERATION_NAME"
+if __name__ == "__main__":
+    minipub.quickstart(Root(), config={"engine.autoreload.on": True, "engine.autoreload.frequency": 0.1,
+                                       "server.socket_port": int(os.environ["PORT"])})
+'''
+
+
+def test_session_survives_a_reloader_generation(tmp_path, reloading):
+    _write_app(tmp_path / "app.py", text=_SESSION_RELOAD_APP.replace("GENERATION_NAME", "one"))
+    proc, port, log = reloading([sys.executable, "app.py"])
+    wait_for_port(port, proc, timeout=20)
+    url = "http://127.0.0.1:%d/" % port
+    with urllib.request.urlopen(url, timeout=5) as first:
+        cookie = first.headers["Set-Cookie"].split(";")[0]
+        assert first.read() == b"one 1"
+    get = urllib.request.Request(url, headers={"Cookie": cookie})
+    assert urllib.request.urlopen(get, timeout=5).read() == b"one 2"
+    _write_app(tmp_path / "app.py", text=_SESSION_RELOAD_APP.replace("GENERATION_NAME", "two"))
+    _wait_for(port, lambda status, body: body.startswith("two"))  # a new child process
+    assert urllib.request.urlopen(get, timeout=5).read() == b"two 3"  # the new process knows it
+
+
+def test_session_cleanup_runs_only_while_sessions_exist(tmp_path):
+    clock = FakeClock()
+    store = minipub.MemoryStore()
+    app = minipub.Application(SessionRoot(), {"/": {"tools.sessions.storage_class": store,
+                                                    "tools.sessions.clock": clock, "tools.sessions.timeout": 1,
+                                                    "tools.sessions.clean_freq": 0.001}})
+    for _ in range(20):
+        call_app(app, "GET", "/untouched")
+    assert store.timer is None  # requests that never use the session arm nothing
+    b = Browser(app)
+    b.get("/")
+    assert store.timer is not None and len(store.sessions) == 1
+    assert wait_until(lambda: store.timer is not None and store.timer.is_alive(), 5)  # re-armed: a session lives
+    clock.now += 61
+    assert wait_until(lambda: store.timer is None and not store.sessions, 5)  # expired, swept, and no more wake-ups
+    for _ in range(5):
+        call_app(app, "GET", "/untouched")
+    assert store.timer is None
+
+
+# -- CSRF ----------------------------------------------------------------------
+
+class CsrfRoot:
+    _cp_config = {"tools.sessions.on": True, "tools.csrf.on": True}
+
+    def __init__(self):
+        self.theme = "light"
+
+    @minipub.expose
+    def form(self):
+        return '<form method="post" action="/settings"><input name="csrf_token" value="%s">' % minipub.csrf_token()
+
+    @minipub.expose
+    def settings(self, theme=None):
+        if minipub.request.method == "POST":
+            self.theme = theme
+        return "theme " + self.theme
+
+
+def _csrf_case(headers=None, body="theme=dark", with_cookie=True, token=None, app=None, **environ):
+    app = app or minipub.Application(CsrfRoot())
+    b = Browser(app)
+    b.get("/form")
+    sent = re.search(r'value="([\w-]+)"', b.get("/form")[1]).group(1)
+    if not with_cookie:
+        b.jar.clear()
+    fields = dict(FORM, **(headers or {}))
+    body = body + ("&csrf_token=" + (sent if token == "good" else token) if token else "")
+    status, fields, data = call_app(app, "POST", "/settings", body=body.encode(),
+                                    headers=dict(fields, **({"Cookie": "session_id=" + b.jar["session_id"]}
+                                                            if b.jar else {})), environ=environ or None)
+    return status, data.decode(), sent
+
+
+@pytest.mark.parametrize("headers, token, status", [
+    ({}, None, 403),
+    ({"Sec-Fetch-Site": "same-origin"}, None, 200),
+    ({"Sec-Fetch-Site": "none"}, None, 200),
+    ({"Sec-Fetch-Site": "same-site", "Origin": "http://other.127.0.0.1.nip.io"}, None, 403),
+    ({"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}, None, 403),
+    ({"Origin": "http://127.0.0.1"}, None, 200),  # setup_testing_defaults: Host 127.0.0.1, port 80
+    ({"Origin": "http://127.0.0.1:8080"}, None, 403),
+    ({"Origin": "null"}, None, 403),
+    ({"Sec-Fetch-Site": "cross-site"}, "good", 200),
+    ({"Sec-Fetch-Site": "cross-site"}, "forged", 403),
+])
+def test_csrf_accepted_and_refused(headers, token, status):
+    got, body, _ = _csrf_case(headers, token=token)
+    assert got == status, body
+    assert ("theme dark" in body) if status == 200 else ("Cross-site request refused" in body)
+
+
+def test_csrf_header_token_proxy_origin_and_cookieless_clients():
+    status, body, _ = _csrf_case({"Sec-Fetch-Site": "cross-site"}, token=None)
+    assert status == 403
+    app = minipub.Application(CsrfRoot())
+    b = Browser(app)
+    token = re.search(r'value="([\w-]+)"', b.get("/form")[1]).group(1)
+    assert b.get("/settings", "POST", b"theme=dark", dict(FORM, **{"X-CSRF-Token": token})) == (200, "theme dark")
+    assert b.get("/settings", "POST", b"theme=dim", dict(FORM, **{"X-CSRF-Token": token[:-1]}))[0] == 403
+    assert _csrf_case(with_cookie=False)[0] == 200  # an API client without cookies is not a CSRF victim
+    strict = minipub.Application(CsrfRoot(), {"/": {"tools.csrf.cookieless": True}})
+    assert _csrf_case(with_cookie=False, app=strict)[0] == 403
+    proxied = minipub.Application(CsrfRoot(), {"server.trusted_proxies": ["127.0.0.1"]})
+    assert _csrf_case({"Origin": "https://public.example", "X-Forwarded-Proto": "https",
+                       "X-Forwarded-Host": "public.example"}, app=proxied, REMOTE_ADDR="127.0.0.1")[0] == 200
+    assert _csrf_case({"Origin": "https://public.example"}, app=proxied, REMOTE_ADDR="127.0.0.1")[0] == 403
+
+
+def test_csrf_cross_site_form_post_in_headless_chromium(serve, tmp_path):
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    seen = []
+
+    class Attacker:
+        @minipub.expose
+        def index(self, target):
+            return ('<form method="post" action="%s/settings"><input name="theme" value="evil"></form>'
+                    '<script>document.forms[0].submit()</script>' % target)
+
+    class Victim(CsrfRoot):
+        @minipub.expose
+        def start(self, then):  # the user is logged in, then visits the attacker's page
+            minipub.session["user"] = "ann"
+            raise minipub.HTTPRedirect(then)
+
+        @minipub.expose
+        def own(self):  # the site's own form, posted by the browser: same origin
+            return ('<form method="post" action="/settings"><input name="theme" value="dark"></form>'
+                    '<script>document.forms[0].submit()</script>')
+
+    root = Victim()
+    victim_app = minipub.Application(root)
+
+    def recording(environ, start_response):
+        def start(status, headers, exc_info=None):
+            seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], status[:3],
+                         environ.get("HTTP_SEC_FETCH_SITE"), environ.get("HTTP_ORIGIN"), "HTTP_COOKIE" in environ))
+            return start_response(status, headers, exc_info)
+        return victim_app(environ, start)
+    victim = serve(recording).port
+    attacker = serve(minipub.Application(Attacker())).port
+    base = "http://127.0.0.1:%d" % victim
+
+    def visit(url, profile):
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--user-data-dir=%s" % (tmp_path / profile), "--dump-dom", url]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            return wait_until(lambda: any(s[:2] == ("POST", "/settings") for s in seen), 60)
+        finally:
+            proc.kill()
+            proc.wait(10)
+    then = "http://127.0.0.1:%d/?%s" % (attacker, urlencode({"target": base}))
+    assert visit(base + "/start?" + urlencode({"then": then}), "p1"), seen
+    post = [s for s in seen if s[0] == "POST"][0]
+    assert post[2:] == ("403", "same-site", "http://127.0.0.1:%d" % attacker, True), seen  # cookie sent, refused
+    assert root.theme == "light"
+    seen.clear()
+    assert visit(base + "/start?" + urlencode({"then": "/own"}), "p2"), seen
+    post = [s for s in seen if s[0] == "POST"][0]
+    assert post[2:4] == ("200", "same-origin") and root.theme == "dark"
+
+
+# -- CherryPy's session programs, unchanged but for the import -----------------
+
+def test_session_cherrypy_tutorials_5_to_9(tmp_path):
+    cherrypy = minipub
+    import random
+    import string
+
+    class StringGeneratorWebService:
+        exposed = True
+
+        @cherrypy.tools.accept(media="text/plain")
+        def GET(self):
+            return cherrypy.session["mystring"]
+
+        def POST(self, length=8):
+            some_string = "".join(random.sample(string.hexdigits, int(length)))
+            cherrypy.session["mystring"] = some_string
+            return some_string
+
+        def PUT(self, another_string):
+            cherrypy.session["mystring"] = another_string
+
+        def DELETE(self):
+            cherrypy.session.pop("mystring", None)
+
+    class StringGenerator:
+        @cherrypy.expose
+        def generate(self, length=8):
+            some_string = "".join(random.sample(string.hexdigits, int(length)))
+            cherrypy.session["mystring"] = some_string
+            return some_string
+
+        @cherrypy.expose
+        def display(self):
+            return cherrypy.session["mystring"]
+
+        @cherrypy.expose
+        def whoami(self):
+            return cherrypy.session.id  # tutorial 9 keys its sqlite rows on it
+
+    class HitCounter:  # tut07_sessions
+        _cp_config = {"tools.sessions.on": True}
+
+        @cherrypy.expose
+        def index(self):
+            count = cherrypy.session.get("count", 0) + 1
+            cherrypy.session["count"] = count
+            return "You have viewed this page %s times in this session." % count
+
+        @cherrypy.tools.sessions(timeout=5)  # the decorator form, with an argument
+        @cherrypy.expose
+        def short(self):
+            cherrypy.session["count"] = 0
+            return "reset"
+    counter = Browser(cherrypy.Application(HitCounter()))
+    assert [counter.get("/")[1].split()[5] for _ in range(3)] == ["1", "2", "3"]
+    assert counter.get("/short") == (200, "reset") and "Max-Age=300" in counter.set_cookie
+    site = StringGenerator()
+    site.generator = StringGeneratorWebService()
+    conf = {"/": {"tools.sessions.on": True},
+            "/generator": {"request.dispatch": cherrypy.MethodDispatcher(),
+                           "tools.response_headers.on": True,
+                           "tools.response_headers.headers": [("Content-Type", "text/plain")]}}
+    b = Browser(cherrypy.Application(site, conf))
+    status, made = b.get("/generate?length=12")
+    assert status == 200 and len(made) == 12 and b.get("/display") == (200, made)
+    assert b.get("/whoami") == (200, b.jar["session_id"])
+    status, posted = b.get("/generator", "POST", b"length=6", FORM)
+    assert b.get("/generator", headers={"Accept": "text/plain"}) == (200, posted)
+    b.get("/generator", "PUT", b"another_string=hello", FORM)
+    assert b.get("/generator", headers={"Accept": "text/plain"}) == (200, "hello")
+    b.get("/generator", "DELETE")
+    assert b.get("/generator", headers={"Accept": "text/plain"})[0] == 500  # KeyError, as on CherryPy
+    assert b.get("/generate") and b.get("/display")[0] == 200
+
+
+def test_session_gunicorn_four_workers_keep_a_login_with_sqlite(tmp_path):
+    pytest.importorskip("gunicorn")
+    (tmp_path / "gapp.py").write_text(
+        "import minipub, os\n"
+        "class Root:\n"
+        "    _cp_config = {'tools.sessions.on': True, 'tools.sessions.storage_type': 'sqlite',\n"
+        "                  'tools.sessions.storage_path': %r}\n"
+        "    @minipub.expose\n"
+        "    def login(self):\n"
+        "        minipub.session.regenerate()\n"
+        "        minipub.session['user'] = 'ann'\n"
+        "        raise minipub.HTTPRedirect('/status')\n"
+        "    @minipub.expose\n"
+        "    def status(self):\n"
+        "        if 'user' not in minipub.session:\n"
+        "            raise minipub.HTTPRedirect('/login', 303)\n"
+        "        return '%%s %%d' %% (minipub.session['user'], os.getpid())\n"
+        "application = minipub.Application(Root())\n" % str(tmp_path / "sessions.db"))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "4", "-b", "127.0.0.1:%d" % port,
+                             "--chdir", str(tmp_path), "gapp:application"], env=dict(os.environ, PYTHONPATH=HERE),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc, timeout=20)
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/login")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 303
+        cookie = resp.getheader("Set-Cookie").split(";")[0]
+        answers, pids = [], set()
+
+        def status():  # a new connection each; four clients at once, so every worker takes some
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/status", headers={"Cookie": cookie})
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                answers.append(resp.status)
+                pids.add(body.split()[-1])
+            except OSError as exc:
+                answers.append(repr(exc))
+            conn.close()
+        def client():  # at least 50 requests, and on until two workers answered (bounded)
+            while (len(answers) < 50 or len(pids) < 2) and len(answers) < 1000:
+                status()
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(60)
+        assert len(answers) >= 50 and set(answers) == {200}, [a for a in answers if a != 200]
+        assert len(pids) >= 2  # several workers answered, all knew the login
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+# -- examples/admin.py: login, settings behind CSRF, logout --------------------
+
+@pytest.fixture
+def admin(monkeypatch, tmp_path):
+    import importlib
+    monkeypatch.setenv("ADMIN_SESSION_DB", str(tmp_path / "admin.db"))
+    monkeypatch.setenv("ADMIN_PASSWORD", "s3cret")
+    from examples import admin as module
+    module = importlib.reload(module)  # reads the environment again
+    return module
+
+
+def test_admin_example_login_settings_logout(admin):
+    b = Browser(minipub.Application(admin.Root()))
+    assert b.get("/")[0] == 303  # not logged in
+    token = re.search(r'name="csrf_token" value="([\w-]+)"', b.get("/login")[1]).group(1)
+    before = b.jar["session_id"]
+    assert b.get("/login", "POST", urlencode({"user": "admin", "password": "nope", "csrf_token": token}).encode(),
+                 FORM)[0] == 403
+    assert b.get("/login", "POST", urlencode({"user": "admin", "password": "s3cret", "csrf_token": token}).encode(),
+                 FORM)[0] == 303
+    assert b.jar["session_id"] != before  # regenerated on login
+    status, body = b.get("/settings")
+    assert status == 200 and "Logged in" not in body
+    token = re.search(r'name="csrf_token" value="([\w-]+)"', body).group(1)
+    change = {"hostname": "box1", "ntp_server": "ntp.example"}
+    assert b.get("/settings", "POST", urlencode(change).encode(), dict(FORM, Origin="http://evil.example"))[0] == 403
+    assert admin.SETTINGS["hostname"] == "appliance"
+    assert b.get("/settings", "POST", urlencode(dict(change, csrf_token=token)).encode(),
+                 dict(FORM, Origin="http://evil.example"))[0] == 303
+    assert admin.SETTINGS["hostname"] == "box1" and "box1" in b.get("/")[1]
+    assert b.get("/logout", "POST", ("csrf_token=" + token).encode(), FORM)[0] == 303
+    assert b.get("/")[0] == 303
+
+
+def test_admin_example_from_the_command_line(tmp_path):
+    import http.cookiejar
+    port = free_port()
+    env = dict(os.environ, ADMIN_SESSION_DB=str(tmp_path / "admin.db"), ADMIN_PASSWORD="pw")
+    proc = subprocess.Popen([sys.executable, "minipub.py", "examples.admin:Root", "--port", str(port),
+                             "--log.screen", "false"], cwd=HERE, env=env)
+    try:
+        wait_for_port(port, proc)
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        base = "http://127.0.0.1:%d" % port
+        token = re.search(rb'value="([\w-]+)"', opener.open(base + "/login", timeout=5).read()).group(1).decode()
+        form = urlencode({"user": "admin", "password": "pw", "csrf_token": token}).encode()
+        assert b"Logged in as admin" in opener.open(base + "/login", form, timeout=5).read()
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 # ===========================================================================
