@@ -3074,7 +3074,11 @@ def _body_of(result, resp):
     if code in (204, 304) or code < 200:
         return []  # RFC 9110 15.3.5 / 15.4.5: no content, so no Content-Type either
     if result is None or isinstance(result, str):
-        headers.default("Content-Type", "text/html; charset=utf-8")
+        ctype = dict.get(headers, "content-type")
+        if ctype is None:
+            headers.default("Content-Type", "text/html; charset=utf-8")
+        elif ctype.startswith("text/") and "charset" not in ctype:  # we encode it: say how, as CherryPy does
+            headers["Content-Type"] = ctype + "; charset=utf-8"
         return [result.encode("utf-8")] if result else []
     if isinstance(result, bytes):
         headers.default("Content-Type", "application/octet-stream")

@@ -2238,6 +2238,7 @@ def _cherrypy_tutorial(name, monkeypatch):
                             ("/links", 301, b"")]),
     ("tut05_derived_objects", [("/", 200, b"Tutorial 5"), ("/another/", 200, b"Another Page"), ("/another", 301, b"")]),
     ("tut06_default_method", [("/", 200, b"Remi Delon"), ("/remi", 200, b"Remi Delon"), ("/nobody", 200, b"Unknown")]),
+    ("tut07_sessions", [("/", 200, b"1 times"), ("/", 200, b"2 times"), ("/", 200, b"3 times")]),
     ("tut08_generators_and_yield", [("/", 200, b"Lorenzo Lamas")]),
     ("tut09_files", [("/", 200, b"Upload a file"), ("/download", 200, b"%PDF")]),
     ("tut10_http_errors", [("/", 200, b"Toggle tracebacks"), ("/error?code=403", 403, b"You can't do that!"),
