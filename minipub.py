@@ -4570,9 +4570,13 @@ class Engine:
 engine = Engine()
 
 
-# -- the reloader ------------------------------------------------------------------
-# With engine.autoreload.on a supervising parent owns the listening
-# socket and runs each generation of the application in a child process.
+# -- the supervisor: worker processes and the reloader ------------------------------
+# With server.workers = N > 1 or engine.autoreload.on a supervising parent
+# owns the listening socket and runs the application in N child processes
+# (subprocess: fresh interpreters, never a fork of a threaded one) that all
+# accept on it; the parent has no thread and, unless reloading or watched by
+# systemd, no timeout.  A child that dies is restarted with backoff; SIGHUP
+# replaces the children one at a time, like a reload; SIGTERM drains them all.
 # The parent polls the files the child reported (modules it loaded outside
 # the standard library and site-packages, plus engine.autoreload.files), one
 # wake-up per engine.autoreload.frequency; the child makes none.  On a change
@@ -4836,6 +4840,9 @@ def _supervise(config: dict, sock, run: list) -> int:
     """Run the supervising parent on ``sock`` until Ctrl-C or SIGTERM; the exit status."""
     if config["engine.autoreload.on"]:
         _logger().info("reloader: watching for changes every %gs", config["engine.autoreload.frequency"])
+    if config["server.workers"] > 1:
+        _logger().info("minipub %s: %d worker processes (pid %d supervises; SIGHUP replaces them)",
+                       __version__, config["server.workers"], os.getpid())
     return _Supervisor(config, sock, run).run_forever()
 
 
