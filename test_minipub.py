@@ -3377,8 +3377,8 @@ def test_workers_serve_from_two_pids_share_the_digest_secret_and_sleep_when_idle
     assert nonce_from == pids
     everyone = [proc.pid] + sorted(pids)
     assert wait_until(lambda: max(_wake_ups(everyone, 0.3)) == 0, 10)  # the children's watchdogs park
-    woke = _wake_ups(everyone, 2.0)
-    assert max(woke) == 0, "wake-ups in 2 s (parent, children): %s" % woke
+    woke = _wake_ups(everyone, 1.5)
+    assert max(woke) == 0, "wake-ups in 1.5 s (parent, children): %s" % woke
     proc.terminate()
     assert proc.wait(20) == 0 and _group_gone(proc.pid)
     assert "Traceback" not in log.read_text()
