@@ -152,7 +152,8 @@ _UNIT_TYPES = {
     "common|combined": str, "processes": int, "mode": int, "user": str, "group": str,
 }
 _ROWS = {row[0]: row for row in LIMITS}
-_UNIT_RANGES = {"port": (0, 65535), "threads": (1, None), "processes": (1, None), "mode": (0, 0o777)}  # other numbers: 0 and up
+# Other numbers: 0 and up.
+_UNIT_RANGES = {"port": (0, 65535), "threads": (1, None), "processes": (1, None), "mode": (0, 0o777)}
 
 
 class ConfigError(ValueError):
@@ -512,10 +513,7 @@ def _systemd_socket():
     if count != "1":
         raise ConfigError("systemd passed %s sockets (%s); minipub serves one: give the .socket unit one "
                           "Listen line" % (count, names or "unnamed"))
-    sock = socket.socket(fileno=3)  # family and type are read from the descriptor
-    if sock.type != socket.SOCK_STREAM:
-        raise ConfigError("the socket systemd passed is not a stream socket (ListenStream=)")
-    return sock
+    return socket.socket(fileno=3)  # family and type are read from the descriptor
 
 
 _SOCKET_FILES = {}  # path -> inode of each server.socket_file this process made (and removes at exit)
@@ -525,21 +523,13 @@ def _unix_socket(path: str, mode: int) -> socket.socket:
     """A listening Unix domain socket at ``path`` with permissions ``mode``.  A socket file
     nobody accepts on (left by a crashed run) is replaced; any other file is refused."""
     import stat
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError("server.socket_file %r exists and is not a socket: not removing it" % path)
-    if st is not None:
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError("server.socket_file %r exists and is not a socket: not removing it" % path)
         with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)  # stale
-            else:
-                import errno
-                raise OSError(errno.EADDRINUSE, "another process accepts on it")
+            if probe.connect_ex(path) == 0:
+                raise OSError("another process accepts on it")
+        os.unlink(path)  # stale: nobody accepts on it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     umask = os.umask(0o777)  # nobody may connect before chmod (no thread runs yet)
     try:
@@ -4404,15 +4394,13 @@ class _Tasks:
 
     def __init__(self, clock=time.monotonic):
         self.clock, self.entries = clock, []  # [due, interval, callable]
-        self.cond, self.changed, self.stopped = threading.Condition(), False, True
+        self.wake, self.stopped = threading.Event(), True
 
     def add(self, interval: float, func) -> None:
         if not interval > 0:
             raise ValueError("a task's interval must be positive, not %r" % (interval,))
-        with self.cond:
-            self.entries.append([self.clock() + interval, float(interval), func])
-            self.changed = True
-            self.cond.notify()
+        self.entries.append([self.clock() + interval, float(interval), func])
+        self.wake.set()
 
     def step(self):
         for entry in list(self.entries):
@@ -4428,20 +4416,16 @@ class _Tasks:
         return max(0.0, min(e[0] for e in self.entries) - self.clock()) if self.entries else None
 
     def run(self) -> None:
-        """The body of the engine's task thread, until stop()."""
-        while True:
+        """The body of the engine's task thread, until stop(); add() and stop() wake it."""
+        while not self.stopped:
+            self.wake.clear()  # before step(): a task added from now on cuts the wait short
             timeout = self.step()
-            with self.cond:
-                if not self.changed and not self.stopped:
-                    self.cond.wait(timeout)
-                if self.stopped:
-                    return
-                self.changed = False
+            if not self.stopped:
+                self.wake.wait(timeout)
 
     def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
+        self.stopped = True
+        self.wake.set()
 
 
 class Engine:
@@ -4464,9 +4448,6 @@ class Engine:
 
     def _start_tasks(self) -> None:
         if self.tasks.entries and self._task_thread is None:
-            now = self.tasks.clock()
-            for entry in self.tasks.entries:  # first due one interval after the start
-                entry[0] = now + entry[1]
             self.tasks.stopped = False
             self._task_thread = threading.Thread(target=self.tasks.run, name="minipub-tasks", daemon=True)
             self._task_thread.start()
@@ -4503,14 +4484,6 @@ class Engine:
         self.publish("start")
         self.server, self.state = server, "STARTED"
         self._start_tasks()
-
-    def _end(self) -> None:
-        self._stop_tasks()
-        if self.state == "STARTED":
-            self.state = "STOPPED"
-            self.publish("stop")
-            self.publish("exit")
-            self.state = "EXITED"
 
     def start(self) -> None:
         """Run the start callbacks, then serve minipub.tree in background threads."""
@@ -5017,13 +4990,10 @@ def _write_pidfile(path: str) -> None:
             raise ConfigError("engine.pidfile %s: process %s is running; stop it first" % (path, old))
         os.unlink(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise ConfigError("engine.pidfile %s: another process is starting" % path) from None
+        with open(path, "x") as f:  # exclusive: of two starting at once, one wins
+            f.write("%d\n" % os.getpid())
     except OSError as exc:
         raise ConfigError("cannot write engine.pidfile %s: %s" % (path, exc.strerror)) from None
-    with os.fdopen(fd, "w") as f:
-        f.write("%d\n" % os.getpid())
 
 
 def _alive(pid: int) -> bool:
@@ -5153,7 +5123,7 @@ def _serve_here(app, config: dict, sock) -> int:
         server.serve_forever()
     finally:
         _notify("STOPPING=1")
-        engine._end()
+        engine.exit()
     _logger().info("minipub stopped")
     return 0
 
@@ -5306,7 +5276,8 @@ def _arg_parser():
     parser.add_argument("--reload", action="store_true", help="alias of --engine.autoreload.on true")
     table = parser.add_argument_group("settings (the LIMITS table: key, default, why)")
     for key, default, unit, why in LIMITS:
-        table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %s]" % (why, oct(default) if unit == "mode" else repr(default)))
+        shown = oct(default) if unit == "mode" else repr(default)
+        table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %s]" % (why, shown))
     return parser
 
 
