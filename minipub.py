@@ -5113,15 +5113,19 @@ def _serve_here(app, config: dict, sock) -> int:
     server._prepare()
     engine._begin(server)  # start callbacks: after binding, before accepting
     _watch_systemd(engine.task)
-    if _CHILD is not None:
-        _child_ready()
-    _notify("READY=1")
-    urls = server.urls
-    for i, url in enumerate(urls, 1):
-        _logger().info("minipub %s serving on %s%s", __version__, url, "; Ctrl-C to quit" if i == len(urls) else "")
+    # SIGTERM from now on drains: serve_forever() installs the same handlers only once it serves,
+    # and whoever hears "ready" (a supervisor, systemd, a test) may signal at once.
+    restore = server._install_signals()
     try:
+        if _CHILD is not None:
+            _child_ready()
+        _notify("READY=1")
+        urls = server.urls
+        for i, url in enumerate(urls, 1):
+            _logger().info("minipub %s serving on %s%s", __version__, url, "; Ctrl-C to quit" if i == len(urls) else "")
         server.serve_forever()
     finally:
+        restore()
         _notify("STOPPING=1")
         engine.exit()
     _logger().info("minipub stopped")
