@@ -119,6 +119,10 @@ LIMITS = (
      "requests answered from read-ahead before the connection yields its worker"),
     ("server.shutdown_timeout", 10.0, "seconds", "in-flight requests get this long on stop"),
     ("server.trusted_proxies", (), "addresses", "peers whose Forwarded / X-Forwarded-* headers are believed"),
+    ("server.workers", 1, "processes",
+     "child processes accepting on one socket, each with its own thread pool; 1 serves in this process"),
+    ("server.socket_file", "", "path", "listen on this Unix domain socket instead of host and port"),
+    ("server.socket_file_mode", 0o660, "mode", "permissions of socket_file (octal): who may connect"),
     ("server.ssl_certificate", "", "path", "PEM certificate; with ssl_private_key turns on HTTPS"),
     ("server.ssl_private_key", "", "path", "PEM private key of ssl_certificate"),
     ("server.ssl_certificate_chain", "", "path", "PEM intermediates sent after the certificate"),
@@ -133,6 +137,11 @@ LIMITS = (
     ("log.access_format", "common", "common|combined",
      "access log lines: Common Log Format, or combined (adds Referer and User-Agent); one format per process"),
     ("log.error_file", "", "path", "append the error log (with tracebacks) here"),
+    ("engine.pidfile", "", "path", "write the process id here; refuse to start while that process lives"),
+    ("engine.daemonize", False, "flag", "detach from the terminal (double fork), for init systems without supervision"),
+    ("engine.user", "", "user", "when started as root: switch to this user (name or uid) once bound"),
+    ("engine.group", "", "group", "with engine.user: this group instead of the user's own"),
+    ("engine.umask", 0o022, "mode", "umask set when switching user"),
     ("engine.autoreload.on", False, "flag", "restart the app in a new process when its files change"),
     ("engine.autoreload.frequency", 1.0, "seconds", "how often the reloader polls"),
     ("engine.autoreload.files", (), "paths", "extra files the reloader watches"),
@@ -141,10 +150,11 @@ LIMITS = (
 _UNIT_TYPES = {
     "host": str, "path": str, "flag": bool, "seconds": float, "addresses": tuple, "paths": tuple, "port": int,
     "threads": int, "bytes": int, "fields": int, "bytes/s": int, "connections": int, "requests": int, "parts": int,
-    "common|combined": str,
+    "common|combined": str, "processes": int, "mode": int, "user": str, "group": str,
 }
 _ROWS = {row[0]: row for row in LIMITS}
-_UNIT_RANGES = {"port": (0, 65535), "threads": (1, None)}  # other numbers: 0 and up
+# Other numbers: 0 and up.
+_UNIT_RANGES = {"port": (0, 65535), "threads": (1, None), "processes": (1, None), "mode": (0, 0o777)}
 
 
 class ConfigError(ValueError):
@@ -452,6 +462,7 @@ _DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped,
 _PAUSE = 0.25  # out of descriptors: accept is tried again after this long, or once a connection closed
 _FD_SPARE = 64  # descriptors kept beyond server.max_connections: listener, selector, the app's files
 _STOP_ROUND = 0.05  # while stopping, the poll role re-checks this often whether the drain is over
+_AF_UNIX = getattr(socket, "AF_UNIX", None)  # absent on some Windows builds
 
 
 class _Listener(socketserver.TCPServer):
@@ -487,6 +498,59 @@ def bind_socket(host: str, port: int) -> socket.socket:
         listener.server_close()
         raise
     return listener.socket
+
+
+def _listen_socket(config: dict) -> socket.socket:
+    """The socket to serve: systemd's (socket activation), else server.socket_file, else host and port."""
+    inherited = _systemd_socket()
+    if inherited is not None:
+        return inherited
+    if config["server.socket_file"]:
+        return _unix_socket(config["server.socket_file"], config["server.socket_file_mode"])
+    return bind_socket(config["server.socket_host"], config["server.socket_port"])
+
+
+def _systemd_socket():
+    """sd_listen_fds(3): "LISTEN_PID is set to the PID of the process that shall receive the file
+    descriptors, LISTEN_FDS to their number; they start at SD_LISTEN_FDS_START (3)"."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None  # not for us (a parent's, left in the environment)
+    count, names = os.environ.get("LISTEN_FDS", ""), os.environ.get("LISTEN_FDNAMES", "")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        del os.environ[key]  # our children and the app's subprocesses must not adopt them again
+    if count != "1":
+        raise ConfigError("systemd passed %s sockets (%s); minipub serves one: give the .socket unit one "
+                          "Listen line" % (count, names or "unnamed"))
+    return socket.socket(fileno=3)  # family and type are read from the descriptor
+
+
+_SOCKET_FILES = {}  # path -> inode of each server.socket_file this process made (and removes at exit)
+
+
+def _unix_socket(path: str, mode: int) -> socket.socket:
+    """A listening Unix domain socket at ``path`` with permissions ``mode``.  A socket file
+    nobody accepts on (left by a crashed run) is replaced; any other file is refused."""
+    import stat
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError("server.socket_file %r exists and is not a socket: not removing it" % path)
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(path) == 0:
+                raise OSError("another process accepts on it")
+        os.unlink(path)  # stale: nobody accepts on it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o777)  # nobody may connect before chmod (no thread runs yet)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        _SOCKET_FILES[path] = os.stat(path).st_ino
+        sock.listen(_Listener.request_queue_size)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(umask)
+    return sock
 
 
 class _Conn:
@@ -622,7 +686,8 @@ class _Acceptor:
             return self._refuse(conn.sock)
         poll.conns.add(conn)
         conn.parser, conn.late = RequestParser(self.config), poll.drain_until is not None  # see _drain
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.sock.family != _AF_UNIX:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.setblocking(False)
         if conn.tls:
             # Since the CVE-2023-40217 fix wrap_socket() reads one byte: a reset raises here.
@@ -1160,6 +1225,8 @@ class Server:
     def urls(self) -> list:
         """The startup line(s): the URL served, plus loopback for a wildcard address."""
         scheme = "https" if self.ssl_context else "http"
+        if self._sock is not None and self._sock.family == _AF_UNIX:
+            return ["http://unix:%s:/ (Unix socket)" % self._sock.getsockname()]
         bound = self._sock.getsockname()[0] if self._sock else self.host
 
         def url(host):
@@ -1187,7 +1254,7 @@ class Server:
         if self._sock is None:
             self._sock = bind_socket(self.host, self.port)
         self._sock.setblocking(False)
-        self.port = self._sock.getsockname()[1]
+        self.port = self._sock.getsockname()[1] if self._sock.family != _AF_UNIX else 0
         _fit_descriptors(self.config)
         self._poll = _PollRole(self, self._sock)
         self._pool = _Pool(self, self._poll)
@@ -1974,7 +2041,7 @@ class _Exchange:
             "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
             "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
             "wsgi.input": self.input, "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-            "wsgi.multiprocess": False, "wsgi.run_once": False,
+            "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
         }
         for name, value in head.headers:
@@ -2107,6 +2174,9 @@ class _Exchange:
             self.head.version, (self.status or "000")[:3], self.sent or "-"),
             extra={"referer": _log_quoted(environ.get("HTTP_REFERER")) or "-",
                    "user_agent": _log_quoted(environ.get("HTTP_USER_AGENT")) or "-"})
+
+
+_MULTIPROCESS = False  # set in each worker process when there are several
 
 
 def _log_quoted(text: str) -> str:
@@ -4243,6 +4313,7 @@ def auth_digest(realm: str, users: dict = None, get_ha1=None, algorithms=("SHA-2
 
 
 _digest_spaces, _spaces_lock = {}, threading.Lock()
+_NONCE_SECRET = None  # in a worker process: the secret the parent gave every worker
 
 
 def _digest_space(realm, users, get_ha1, algorithms, lifetime, userhash, clock, key):
@@ -4288,7 +4359,7 @@ class _Digest:
         self.realm, self.users, self.get_ha1, self.userhash = realm, users, get_ha1, userhash
         self.lifetime, self.clock = float(lifetime), clock
         secret = key.encode("utf-8") if isinstance(key, str) else key
-        self.secret = secret or os.urandom(32)
+        self.secret = secret or _NONCE_SECRET or os.urandom(32)
         self.opaque = self.mac(b"opaque").hex()  # from the secret: the same in every worker sharing it
         self.seen, self.floor, self.lock = OrderedDict(), -1.0, threading.Lock()
 
@@ -5133,14 +5204,76 @@ class _Exit(BaseException):
     """Raised by the engine's signal handler to end engine.block()."""
 
 
+class _Tasks:
+    """Callables due every so many seconds.  step() runs the due ones and says how long until the
+    next is due (None: none registered), so whoever runs them sleeps exactly that long: no tick."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock, self.entries = clock, []  # [due, interval, callable]
+        self.wake, self.stopped = threading.Event(), True
+
+    def add(self, interval: float, func) -> None:
+        if not interval > 0:
+            raise ValueError("a task's interval must be positive, not %r" % (interval,))
+        self.entries.append([self.clock() + interval, float(interval), func])
+        self.wake.set()
+
+    def step(self):
+        for entry in list(self.entries):
+            now = self.clock()
+            if entry[0] <= now:
+                entry[0] += entry[1]
+                if entry[0] <= now:  # far behind (a slow run, a suspended machine): no burst of runs
+                    entry[0] = now + entry[1]
+                try:
+                    entry[2]()
+                except Exception:  # a task's failure is logged; it runs again when next due
+                    _logger().exception("engine task %r failed", entry[2])
+        return max(0.0, min(e[0] for e in self.entries) - self.clock()) if self.entries else None
+
+    def run(self) -> None:
+        """The body of the engine's task thread, until stop(); add() and stop() wake it."""
+        while not self.stopped:
+            self.wake.clear()  # before step(): a task added from now on cuts the wait short
+            timeout = self.step()
+            if not self.stopped:
+                self.wake.wait(timeout)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+
 class Engine:
-    """``minipub.engine``: subscribe(channel, callback, priority), start, block, stop, exit."""
+    """``minipub.engine``: subscribe(channel, callback, priority), task, start, block, stop, exit."""
 
     CHANNELS = ("start", "stop", "graceful", "exit")
 
     def __init__(self):
         self.state, self.server = "STOPPED", None
         self._subscribers = {channel: [] for channel in self.CHANNELS}
+        self.tasks, self._task_thread = _Tasks(), None
+
+    def task(self, interval: float, func) -> None:
+        """Call ``func()`` every ``interval`` seconds while the engine is started (CherryPy's
+        BackgroundTask), in one thread for all tasks that sleeps until the next is due; an exception
+        is logged and the task runs again.  In each worker process when there are several."""
+        self.tasks.add(interval, func)
+        if self.state == "STARTED":
+            self._start_tasks()
+
+    def _start_tasks(self) -> None:
+        if self.tasks.entries and self._task_thread is None:
+            self.tasks.stopped = False
+            self._task_thread = threading.Thread(target=self.tasks.run, name="minipub-tasks", daemon=True)
+            self._task_thread.start()
+
+    def _stop_tasks(self) -> None:
+        if self._task_thread is not None:
+            self.tasks.stop()
+            if self._task_thread is not threading.current_thread():
+                self._task_thread.join()
+            self._task_thread = None
 
     def subscribe(self, channel: str, callback, priority: int = 50) -> None:
         if channel not in self._subscribers:
@@ -5166,13 +5299,7 @@ class Engine:
     def _begin(self, server) -> None:
         self.publish("start")
         self.server, self.state = server, "STARTED"
-
-    def _end(self) -> None:
-        if self.state == "STARTED":
-            self.state = "STOPPED"
-            self.publish("stop")
-            self.publish("exit")
-            self.state = "EXITED"
+        self._start_tasks()
 
     def start(self) -> None:
         """Run the start callbacks, then serve minipub.tree in background threads."""
@@ -5180,10 +5307,14 @@ class Engine:
             return
         settings = _limits(config)
         configure_logging(settings)
-        self.publish("start")
-        self.server = Server(tree, settings["server.socket_host"], settings["server.socket_port"],
-                             config=settings).start()
-        self.state = "STARTED"
+        server = Server(tree, settings["server.socket_host"], settings["server.socket_port"],
+                        sock=_listen_socket(settings), config=settings)
+        try:
+            self._begin(server)
+        except _StartError:
+            server._sock.close()
+            raise
+        server.start()
         for url in self.server.urls:
             _logger().info("minipub %s serving on %s", __version__, url)
 
@@ -5210,6 +5341,7 @@ class Engine:
         """Stop serving (in-flight requests finish), then run the stop callbacks."""
         if self.server is not None:
             self.server.stop()
+        self._stop_tasks()
         if self.state == "STARTED":
             self.state = "STOPPED"
             self.publish("stop")
@@ -5227,9 +5359,13 @@ class Engine:
 engine = Engine()
 
 
-# -- the reloader ------------------------------------------------------------------
-# With engine.autoreload.on a supervising parent owns the listening
-# socket and runs each generation of the application in a child process.
+# -- the supervisor: worker processes and the reloader ------------------------------
+# With server.workers = N > 1 or engine.autoreload.on a supervising parent
+# owns the listening socket and runs the application in N child processes
+# (subprocess: fresh interpreters, never a fork of a threaded one) that all
+# accept on it; the parent has no thread and, unless reloading or watched by
+# systemd, no timeout.  A child that dies is restarted with backoff; SIGHUP
+# replaces the children one at a time, like a reload; SIGTERM drains them all.
 # The parent polls the files the child reported (modules it loaded outside
 # the standard library and site-packages, plus engine.autoreload.files), one
 # wake-up per engine.autoreload.frequency; the child makes none.  On a change
@@ -5316,62 +5452,101 @@ def _how_started() -> list:
 
 
 class _Supervisor:
-    """The parent: owns the socket, starts generations, polls, stops them."""
+    """The parent: owns the socket, keeps one serving child per slot (server.workers), replaces
+    them one at a time (a change, SIGHUP), restarts one that dies with backoff, stops them all."""
 
     def __init__(self, config: dict, sock, run: list):
         self.config, self.sock, self.run = config, sock, run
+        self.reloading = config["engine.autoreload.on"]
         self.poller = Poller(_source_files(config["engine.autoreload.files"]))
-        self.children, self.current, self.pending = [], None, None
-        self._stopping, self.respawn = False, False
+        self.slots = [None] * config["server.workers"]  # the serving child of each slot
+        self.children, self.starting, self.queue = [], {}, []  # every live child; slot -> new one; to replace
+        self.restart_at, self.failures = {}, [0] * len(self.slots)
+        self.secret = os.urandom(32).hex()  # tools.auth_digest's nonce secret, the same in every child
+        self.tasks, self.status, self.announced = _Tasks(), 0, False
+        self._stopping = self._hup = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
+        if self.reloading:
+            self.tasks.add(max(config["engine.autoreload.frequency"], 0.05), self.tick)  # 0 would spin
+        _watch_systemd(self.tasks.add)
 
-    def spawn(self):
+    def spawn(self, slot: int) -> None:
         import json
         import subprocess
         from types import SimpleNamespace
         ours, theirs = socket.socketpair()
-        state = {"run": self.run, "argv": sys.argv, "sock": self.sock.fileno(),
-                 "chan": theirs.fileno(), "config": self.config,
-                 # nothing good to keep serving: on failure this child serves the error
-                 "fallback": self.current is None or self.current.broken}
+        old = self.slots[slot]
+        state = {"run": self.run, "argv": sys.argv, "sock": self.sock.fileno(), "chan": theirs.fileno(),
+                 "config": self.config, "secret": self.secret,
+                 # reloading with nothing good to keep serving: on failure this child serves the error
+                 "fallback": self.reloading and (old is None or old.broken)}
         env = dict(os.environ, **{_RELOAD_ENV: json.dumps(state)})
         argv = [sys.executable] + _interpreter_args() + [os.path.abspath(__file__)]
-        try:
+        try:  # no thread runs in this process, and subprocess execs at once: no fork with threads
             proc = subprocess.Popen(argv, env=env, pass_fds=(self.sock.fileno(), theirs.fileno()))
         finally:
             theirs.close()
-        self.pending = SimpleNamespace(proc=proc, chan=ours, buffer=b"", broken=False)
-        self.children.append(self.pending)
+        child = SimpleNamespace(proc=proc, chan=ours, buffer=b"", broken=False, slot=slot, born=time.monotonic())
+        self.starting[slot] = child
+        self.children.append(child)
 
     def run_forever(self) -> int:
-        period = max(self.config["engine.autoreload.frequency"], 0.05)  # 0 would spin
+        import signal
         restore = Server._install_signals(self)  # the same handlers: set _stopping, _wake()
+        hup = signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            self.spawn()
-            next_poll = time.monotonic() + period
+            for slot in range(len(self.slots)):
+                self.spawn(slot)
             while not self._stopping:
+                waits = [self.tasks.step()] + [at - time.monotonic() for at in self.restart_at.values()]
+                waits = [max(0.0, wait) for wait in waits if wait is not None]
                 chans = [self._wake_r] + [c.chan for c in self.children]
-                readable = select.select(chans, [], [], max(0.0, next_poll - time.monotonic()))[0]
+                readable = select.select(chans, [], [], min(waits) if waits else None)[0]  # idle: no timeout
+                if self._wake_r in readable:
+                    self._wake_r.recv(64)
                 for child in [c for c in self.children if c.chan in readable]:
                     self.receive(child)
-                if time.monotonic() >= next_poll and not self._stopping:
-                    next_poll = time.monotonic() + period
-                    self.tick()
+                self.housekeeping()
         finally:
+            _notify("STOPPING=1")
+            signal.signal(signal.SIGHUP, hup)
             self.stop_all()
             restore()
-        return 0
+        return self.status
+
+    def _on_hup(self, signum, frame):
+        self._hup = True
+        self._wake()
+
+    def housekeeping(self):
+        """After each wake-up: SIGHUP, due restarts, the next replacement, READY=1 once all serve."""
+        if self._hup and not self._stopping:
+            self._hup = False
+            _logger().info("SIGHUP: replacing the %d worker process(es) one at a time", len(self.slots))
+            self.replace_all()
+        for slot, at in list(self.restart_at.items()):
+            if at <= time.monotonic() and not self._stopping:
+                del self.restart_at[slot]
+                self.spawn(slot)
+        if self.queue and not self.starting and not self._stopping:
+            self.spawn(self.queue.pop(0))
+        if not self.announced and not self.starting and not self.queue and all(self.slots):
+            self.announced = True
+            _notify("READY=1")
+
+    def replace_all(self):
+        _notify("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+        for child in self.starting.values():
+            child.proc.terminate()  # still importing older code: replaced too
+        self.starting.clear()
+        self.queue, self.announced = list(range(len(self.slots))), False
 
     def tick(self):
         changed = self.poller.step()
         if changed:
             _logger().info("reloader: %s changed; starting a new process", changed[0])
-            if self.pending is not None:  # still importing older code: replace it
-                self.pending.proc.terminate()
-        if changed or (self.respawn and self.pending is None):
-            self.respawn = False
-            self.spawn()
+            self.replace_all()
 
     def receive(self, child):
         import json
@@ -5385,29 +5560,50 @@ class _Supervisor:
 
     def message(self, child, msg):
         self.poller.watch(msg["files"])
-        if child is not self.pending:
+        if self.starting.get(child.slot) is not child:
             return  # superseded while it was importing; it has been told to stop
-        self.pending = None
-        if msg["error"]:
+        del self.starting[child.slot]
+        if msg["ready"]:
+            child.broken = bool(msg["error"])
+            old, self.slots[child.slot] = self.slots[child.slot], child
+            if old is not None:
+                old.proc.terminate()  # SIGTERM: stop accepting, finish in-flight requests
+        if not msg["error"]:
+            return
+        if self.reloading:
             _logger().error("reloader: cannot load the application: %s; %s", msg["error"],
                             "serving an error page until it is fixed" if msg["ready"]
                             else "the previous version keeps serving")
-        if msg["ready"]:
-            child.broken = bool(msg["error"])
-            old, self.current = self.current, child
-            if old is not None:
-                old.proc.terminate()  # SIGTERM: stop accepting, finish in-flight requests
+            if not msg["ready"]:
+                self.queue.clear()  # the others would fail alike
+        elif not any(self.slots):  # nothing serves: the one-line error of a single process
+            print("minipub: error: %s" % msg["error"], file=sys.stderr)
+            self.status, self._stopping = 2, True
+        else:
+            self.backoff(child, "cannot load the application: %s" % msg["error"])
 
     def reap(self, child):
         child.chan.close()
         self.children.remove(child)
         status = child.proc.wait()
-        if child is self.pending:
-            self.pending = None
-            _logger().error("reloader: the new process exited with status %s before it was ready", status)
-        elif child is self.current and not self._stopping:
-            self.current, self.respawn = None, True
-            _logger().error("reloader: the application process exited with status %s; restarting", status)
+        if self.starting.get(child.slot) is child:
+            del self.starting[child.slot]
+            if self.reloading and self.slots[child.slot] is not None:
+                _logger().error("reloader: the new process exited with status %s before it was ready", status)
+                self.queue.clear()  # the old version keeps serving until the next change
+            else:
+                self.backoff(child, "exited with status %s before it was ready" % status)
+        elif self.slots[child.slot] is child and not self._stopping:
+            self.slots[child.slot] = None
+            self.backoff(child, "exited with status %s" % status)
+
+    def backoff(self, child, why: str):
+        """Restart the slot soon; 0.1 s doubling to 10 s while its processes keep dying young."""
+        young = time.monotonic() - child.born < 30.0
+        failures = self.failures[child.slot] = self.failures[child.slot] + 1 if young else 0
+        delay = min(10.0, 0.05 * 2 ** failures)
+        _logger().error("worker process %d (pid %d) %s; restarting in %.2gs", child.slot, child.proc.pid, why, delay)
+        self.restart_at[child.slot] = time.monotonic() + delay
 
     _wake = Server._wake
 
@@ -5430,9 +5626,12 @@ class _Supervisor:
 
 
 def _supervise(config: dict, sock, run: list) -> int:
-    """Run the reloader's parent on ``sock`` (or a new one) until Ctrl-C or SIGTERM."""
-    sock = sock or bind_socket(config["server.socket_host"], config["server.socket_port"])
-    _logger().info("reloader: watching for changes every %gs", config["engine.autoreload.frequency"])
+    """Run the supervising parent on ``sock`` until Ctrl-C or SIGTERM; the exit status."""
+    if config["engine.autoreload.on"]:
+        _logger().info("reloader: watching for changes every %gs", config["engine.autoreload.frequency"])
+    if config["server.workers"] > 1:
+        _logger().info("minipub %s: %d worker processes (pid %d supervises; SIGHUP replaces them)",
+                       __version__, config["server.workers"], os.getpid())
     return _Supervisor(config, sock, run).run_forever()
 
 
@@ -5466,6 +5665,8 @@ def _reload_child() -> int:
     chan = socket.socket(fileno=state["chan"])
     chan.set_inheritable(False)  # the app's own subprocesses must not keep it open
     _CHILD = {"chan": chan, "sock": state["sock"], "error": None, "files": [], "ready": False}
+    global _NONCE_SECRET, _MULTIPROCESS
+    _NONCE_SECRET, _MULTIPROCESS = bytes.fromhex(state["secret"]), state["config"]["server.workers"] > 1
     threading.Thread(target=_lifeline, args=(chan,), name="minipub-lifeline", daemon=True).start()
     config = make_config()  # the parent's settings, tools.* and the like included
     config.update((key, _check_key(key, value, "[global]")) for key, value in state["config"].items())
@@ -5516,6 +5717,140 @@ def _child_failed(exc: BaseException, config: dict, fallback: bool) -> int:
     return 0
 
 
+# -- deployment: systemd, pid file, daemon, privileges -----------------------------
+# What the process that owns the listening socket (the single server, or the
+# supervising parent of workers) does once bound and before any request, in
+# this order: detach (engine.daemonize), write engine.pidfile, switch user
+# (engine.user); at exit it removes the pid file and the socket file it made.
+# systemd hears READY=1, RELOADING=1, STOPPING=1 and, only when the unit sets
+# WatchdogSec, WATCHDOG=1 from that process; workers stay silent.
+
+def _notify(*lines: str) -> None:
+    """sd_notify(3): one datagram to $NOTIFY_SOCKET ("@name": the abstract namespace); else nothing."""
+    where = os.environ.get("NOTIFY_SOCKET", "")
+    if not where or _CHILD is not None:
+        return
+    address = "\0" + where[1:] if where.startswith("@") else where
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto("\n".join(lines).encode("utf-8"), address)
+        except OSError as exc:
+            _logger().warning("cannot notify systemd at %s: %s", where, exc)
+
+
+def _watch_systemd(add_task) -> None:
+    """sd_watchdog_enabled(3): WATCHDOG_USEC set (and WATCHDOG_PID ours, if set): send WATCHDOG=1
+    twice per period, as systemd recommends.  Unset: no task, no wake-ups."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", str(os.getpid()))
+    if usec.isdigit() and int(usec) > 0 and pid == str(os.getpid()) and _CHILD is None:
+        add_task(int(usec) / 2e6, lambda: _notify("WATCHDOG=1"))
+
+
+def _claim_process(config: dict, sock):
+    """Daemonize, write the pid file and drop privileges as configured; returns the undo for exit."""
+    if config["engine.daemonize"]:
+        _daemonize()
+    pidfile = config["engine.pidfile"]
+    if pidfile:
+        _write_pidfile(pidfile)
+    _drop_privileges(config, sock)
+    pid = str(os.getpid())
+
+    def undo():
+        if pidfile:
+            _remove_ours(pidfile, lambda: open(pidfile).read().strip() == pid)
+        for path, inode in list(_SOCKET_FILES.items()):
+            _remove_ours(path, lambda: os.stat(path).st_ino == inode)  # not one a later run made
+            del _SOCKET_FILES[path]
+    return undo
+
+
+def _remove_ours(path: str, ours) -> None:
+    try:
+        if ours():
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. in a directory only root may write, after dropping privileges
+        _logger().warning("cannot remove %s: %s", path, exc)
+
+
+def _daemonize() -> None:
+    """engine.daemonize: fork, setsid, fork again (so the daemon can never regain a terminal), stdio
+    to /dev/null.  Only before any thread: a forked copy of a threaded process lacks those threads."""
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        raise ConfigError("engine.daemonize: threads already run (%s); detaching would lose them" % ", ".join(others))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _write_pidfile(path: str) -> None:
+    """engine.pidfile: refused while the process it names lives; a stale one is replaced."""
+    try:
+        with open(path) as f:
+            old = f.read().strip()
+    except FileNotFoundError:
+        old = None
+    if old is not None:
+        if old.isdigit() and int(old) != os.getpid() and _alive(int(old)):
+            raise ConfigError("engine.pidfile %s: process %s is running; stop it first" % (path, old))
+        os.unlink(path)
+    try:
+        with open(path, "x") as f:  # exclusive: of two starting at once, one wins
+            f.write("%d\n" % os.getpid())
+    except OSError as exc:
+        raise ConfigError("cannot write engine.pidfile %s: %s" % (path, exc.strerror)) from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _drop_privileges(config: dict, sock) -> None:
+    """CherryPy's DropPrivileges: bound (port 80 needs root), switch to engine.user before serving
+    any request; never go on as root after being asked to drop."""
+    user, group = config["engine.user"], config["engine.group"]
+    if not user:
+        if group:
+            raise ConfigError("engine.group needs engine.user")
+        return
+    import grp
+    import pwd
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        gid = (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else entry.pw_gid
+    except KeyError:
+        raise ConfigError("engine.user %r / engine.group %r: no such user or group" % (user, group)) from None
+    uid = entry.pw_uid
+    if os.geteuid() == 0:
+        for path in _SOCKET_FILES:
+            os.chown(path, uid, gid)  # socket_file_mode then means this user and group
+        os.initgroups(entry.pw_name, gid)  # the user's supplementary groups, not root's
+        os.setgid(gid)
+        os.setuid(uid)  # real, effective and saved: there is no way back
+    elif (os.getuid(), os.getgid()) != (uid, gid):
+        raise ConfigError("engine.user %s: only root can switch user (this is uid %d)" % (user, os.getuid()))
+    os.umask(config["engine.umask"])
+    if uid != 0 and 0 in (os.getuid(), os.geteuid()):
+        raise ConfigError("still root after switching to engine.user %s: refusing to serve" % user)
+
+
 # ===========================================================================
 # Command line, logging and quickstart
 # Contract: ``python minipub.py MODULE:ATTR`` (or the installed ``minipub``)
@@ -5561,35 +5896,56 @@ def quickstart(root=None, script_name: str = "", config=None) -> None:
             tree.mount(root, script_name, config)
         settings = _limits(_PROCESS_CONFIG)
         configure_logging(settings)
-        serve(tree, settings)
+        status = serve(tree, settings)
     except (ConfigError, _StartError) as exc:
         print("minipub: error: %s" % exc, file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # the port is taken, the address is not ours, ...
         print("minipub: error: cannot listen: %s" % (exc.strerror or exc), file=sys.stderr)
         sys.exit(2)
+    if status:
+        sys.exit(status)
 
 
-def serve(app, config: dict, sock=None) -> None:
-    if _CHILD is not None:  # a reloader child: serve on the parent's socket
-        sock = socket.socket(fileno=_CHILD["sock"])
-    elif config["engine.autoreload.on"]:
-        _supervise(config, sock, _how_started())
-        return
+def serve(app, config: dict, sock=None, run: list = None) -> int:
+    """Serve ``app`` on ``sock`` (default: the configured one) until Ctrl-C or SIGTERM; the exit
+    status.  With server.workers > 1 or engine.autoreload.on this process supervises children that
+    rerun ``run`` (default: this program as it was started) and serve on its socket."""
+    if _CHILD is not None:  # a worker or reloader child: serve on the parent's socket
+        return _serve_here(app, config, socket.socket(fileno=_CHILD["sock"]))
+    sock = sock or _listen_socket(config)
+    undo = _claim_process(config, sock)
+    try:
+        if config["engine.autoreload.on"] or config["server.workers"] > 1:
+            return _supervise(config, sock, run or _how_started())
+        return _serve_here(app, config, sock)
+    finally:
+        undo()
+
+
+def _serve_here(app, config: dict, sock) -> int:
     server = Server(app, config["server.socket_host"], config["server.socket_port"], sock=sock,
                     config=_limits(config))
     server._prepare()
     engine._begin(server)  # start callbacks: after binding, before accepting
-    if _CHILD is not None:
-        _child_ready()
-    urls = server.urls
-    for i, url in enumerate(urls, 1):
-        _logger().info("minipub %s serving on %s%s", __version__, url, "; Ctrl-C to quit" if i == len(urls) else "")
+    _watch_systemd(engine.task)
+    # SIGTERM from now on drains: serve_forever() installs the same handlers only once it serves,
+    # and whoever hears "ready" (a supervisor, systemd, a test) may signal at once.
+    restore = server._install_signals()
     try:
+        if _CHILD is not None:
+            _child_ready()
+        _notify("READY=1")
+        urls = server.urls
+        for i, url in enumerate(urls, 1):
+            _logger().info("minipub %s serving on %s%s", __version__, url, "; Ctrl-C to quit" if i == len(urls) else "")
         server.serve_forever()
     finally:
-        engine._end()
+        restore()
+        _notify("STOPPING=1")
+        engine.exit()
     _logger().info("minipub stopped")
+    return 0
 
 
 class _TargetError(Exception):
@@ -5702,13 +6058,14 @@ def _cli_value(key: str, text: str):
     if want is tuple:
         return tuple(t.strip() for t in text.split(",") if t.strip())
     try:
-        return want(text)
+        return want(text, 8) if _ROWS[key][2] == "mode" else want(text)  # a mode is octal: 660, 0o660
     except ValueError:
         raise ConfigError("--%s wants a %s, not %r" % (key, _ROWS[key][2], text)) from None
 
 
 _CLI_ALIASES = {"host": "server.socket_host", "port": "server.socket_port", "threads": "server.thread_pool",
-                "certfile": "server.ssl_certificate", "keyfile": "server.ssl_private_key"}
+                "workers": "server.workers", "certfile": "server.ssl_certificate",
+                "keyfile": "server.ssl_private_key"}
 
 
 class _UsageError(Exception):
@@ -5733,13 +6090,14 @@ def _arg_parser():
                         help="what to serve, e.g. app:Root (imported from the current directory)")
     parser.add_argument("--version", action="version", version="minipub %s" % __version__)
     for alias, key in _CLI_ALIASES.items():
-        parser.add_argument("--" + alias, type=int if alias in ("port", "threads") else str,
+        parser.add_argument("--" + alias, type=int if alias in ("port", "threads", "workers") else str,
                             help="alias of --%s" % key)
     parser.add_argument("--config", help="INI file with a [global] section of Python literals")
     parser.add_argument("--reload", action="store_true", help="alias of --engine.autoreload.on true")
     table = parser.add_argument_group("settings (the LIMITS table: key, default, why)")
     for key, default, unit, why in LIMITS:
-        table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %r]" % (why, default))
+        shown = oct(default) if unit == "mode" else repr(default)
+        table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %s]" % (why, shown))
     return parser
 
 
@@ -5792,26 +6150,25 @@ def main(argv=None) -> int:
         config = _cli_config(args)
         sections = _read_ini(args.config)[1] if args.config else {}  # [/path] sections: the app's
         configure_logging(config)
-        reload = config["engine.autoreload.on"]  # then only the children import the app
-        app = None if reload else load_target(args.target, dict(config, **sections))
-        _split_target(args.target)  # reloading: a typo in the target is still one line here
+        # Supervising (workers, reloading): only the children import the app.
+        supervised = config["engine.autoreload.on"] or config["server.workers"] > 1
+        app = None if supervised else load_target(args.target, dict(config, **sections))
+        _split_target(args.target)  # supervising: a typo in the target is still one line here
         _check_certificates(config)
-        sock = bind_socket(config["server.socket_host"], config["server.socket_port"])
+        sock = _listen_socket(config)
     except (ConfigError, _TargetError) as exc:
         print("minipub: error: %s" % exc, file=sys.stderr)
         return 2
     except OSError as exc:
-        print("minipub: error: cannot listen on %s port %s: %s" % (
-            config["server.socket_host"], config["server.socket_port"], exc.strerror or exc), file=sys.stderr)
+        where = config["server.socket_file"] or "%s port %s" % (config["server.socket_host"],
+                                                              config["server.socket_port"])
+        print("minipub: error: cannot listen on %s: %s" % (where, exc.strerror or exc), file=sys.stderr)
         return 2
-    if reload:
-        return _supervise(config, sock, ["target", args.target, sections])
     try:
-        serve(app, config, sock)
-    except _StartError as exc:
+        return serve(app, config, sock, ["target", args.target, sections])
+    except (ConfigError, _StartError) as exc:
         print("minipub: error: %s" % exc, file=sys.stderr)
         return 2
-    return 0
 
 
 

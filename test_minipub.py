@@ -38,6 +38,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # helpers shared by every section
 # ---------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _minipub_loggers_restored():
+    """A test that configures minipub's logging in-process (quickstart, engine.start) leaves caplog working."""
+    loggers = [logging.getLogger("minipub." + name) for name in ("error", "access")]
+    saved = [(logger.handlers[:], logger.propagate, logger.level) for logger in loggers]
+    yield
+    for logger, (handlers, propagate, level) in zip(loggers, saved):
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
 @pytest.fixture
 def serve():
     """serve(app, **options) -> a started Server on a free port; stopped after the test."""
@@ -2274,6 +2285,53 @@ def test_cherrypy_tutorial_files_upload_download_and_error_toggle(monkeypatch):
         minipub.config.reset()
 
 
+def test_engine_tasks_sleep_until_due_with_an_injected_clock(caplog):
+    clock, ran = FakeClock(), []
+    tasks = minipub._Tasks(clock)
+    assert tasks.step() is None  # none registered: sleep without a timeout
+    tasks.add(60, lambda: ran.append(clock.now))
+
+    def failing():
+        ran.append("boom")
+        raise ValueError("boom")
+    tasks.add(25, failing)
+    assert (tasks.step(), ran) == (25.0, [])
+    clock.now += 24.5
+    assert (tasks.step(), ran) == (0.5, [])  # not early
+    clock.now += 0.5
+    with caplog.at_level(logging.ERROR, logger="minipub.error"):
+        logging.getLogger("minipub.error").propagate = True
+        try:
+            assert (tasks.step(), ran) == (25.0, ["boom"])
+        finally:
+            logging.getLogger("minipub.error").propagate = False
+    assert "engine task" in caplog.text and "ValueError: boom" in caplog.text
+    clock.now += 25.0
+    assert (tasks.step(), ran) == (10.0, ["boom", "boom"])  # it keeps going
+    clock.now += 10.0
+    assert (tasks.step(), ran[-1]) == (15.0, 1060.0)  # every 60 s: once a minute
+    clock.now += 1000.0  # a suspended machine: one run each, then the usual period, not a burst
+    tasks.step()
+    assert ran[-2:] == [2060.0, "boom"] and tasks.step() == 25.0
+    with pytest.raises(ValueError):
+        tasks.add(0, print)
+
+
+def test_engine_task_thread_runs_while_started_and_stops_with_the_engine(process_config, monkeypatch):
+    monkeypatch.setattr(minipub, "configure_logging", lambda settings: None)  # leave caplog's loggers be
+    process_config.update({"server.socket_port": 0, "log.screen": False})
+    engine, calls = minipub.Engine(), []
+    engine.start()
+    try:
+        assert "minipub-tasks" not in {t.name for t in threading.enumerate()}  # no task: no thread
+        engine.task(0.02, lambda: calls.append(time.monotonic()))
+        assert wait_until(lambda: len(calls) >= 3, 10)
+    finally:
+        engine.exit()
+    assert "minipub-tasks" not in {t.name for t in threading.enumerate()}
+    assert all(b - a >= 0.015 for a, b in zip(calls, calls[1:])), calls  # due times, not a spin
+
+
 def textwrap_dedent(text):
     import textwrap
     return textwrap.dedent(text)
@@ -4325,6 +4383,331 @@ def test_reloader_refuses_no_connection_across_reloads(tmp_path, reloading):
     failed = [r for r in results if r[0] != 200]
     assert not failed, failed[:3]
     assert len(results) > 20
+
+
+# -- workers, systemd, Unix sockets, pid file, privileges ----------------------------
+
+_WORKER_APP = '''import os, sys
+import minipub
+
+def umask():
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+class Root:
+    @minipub.expose
+    def index(self):
+        return "%d %d %s %o" % (os.getpid(), os.getuid(), minipub.request.remote_addr or "-", umask())
+
+    @minipub.expose
+    @minipub.auth_digest("reports", users={"bob": "pässword"})
+    def reports(self):
+        return str(os.getpid())
+'''
+
+
+def _children(pid):
+    """The pids whose parent is ``pid``, from /proc."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+        if name.isdigit() and int(fields[1]) == pid:
+            found.append(int(name))
+    return sorted(found)
+
+
+def _switches(pid):
+    """Voluntary context switches of every thread of ``pid`` so far: each wake-up is one."""
+    total = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+            total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    return total
+
+
+def _wake_ups(pids, seconds):
+    before = [_switches(pid) for pid in pids]
+    threading.Event().wait(seconds)  # measuring idleness: the interval is the point
+    return [_switches(pid) - b for pid, b in zip(pids, before)]
+
+
+def _served_pids(port, want, timeout=20.0):
+    """GET / until ``want`` distinct pids answered; the set."""
+    seen, deadline = set(), time.monotonic() + timeout
+    while len(seen) < want:
+        assert time.monotonic() < deadline, "only pids %s answered" % seen
+        status, body = _get(port)
+        if status == 200:
+            seen.add(int(body.split()[0]))
+    return seen
+
+
+@pytest.fixture
+def workers(tmp_path, reloading):
+    """workers(*options) -> (process, port, log): minipub app:Root --workers 2 in tmp_path."""
+    (tmp_path / "app.py").write_text(_WORKER_APP)
+
+    def start(*options):
+        # -W error: Python 3.12+ would warn here if the parent forked with a thread running.
+        proc, port, log = reloading([sys.executable, "-W", "error::DeprecationWarning", os.path.join(
+            HERE, "minipub.py"), "app:Root", "--port", "{port}", "--workers", "2"] + list(options))
+        _wait_for(port, lambda status, body: status == 200)
+        return proc, port, log
+    return start
+
+
+def test_workers_serve_from_two_pids_share_the_digest_secret_and_sleep_when_idle(workers):
+    proc, port, log = workers()
+    pids = _served_pids(port, 2)
+    assert wait_until(lambda: _children(proc.pid) == sorted(pids), 10), (_children(proc.pid), pids)
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/reports")
+    challenge = conn.getresponse()
+    challenge.read()
+    conn.close()
+    assert challenge.status == 401
+    nonce_from = set()
+    for nc in range(1, 200):  # one worker's nonce, accepted by the other too
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        auth = digest(challenge.getheader("WWW-Authenticate"), nc=nc)
+        conn.request("GET", "/reports", headers={"Authorization": auth})
+        answer = conn.getresponse()
+        body = answer.read()
+        conn.close()
+        assert answer.status == 200, body
+        nonce_from.add(int(body))
+        if nonce_from == pids:
+            break
+    assert nonce_from == pids
+    everyone = [proc.pid] + sorted(pids)
+    assert wait_until(lambda: max(_wake_ups(everyone, 0.3)) == 0, 10)  # the children's watchdogs park
+    woke = _wake_ups(everyone, 1.5)
+    assert max(woke) == 0, "wake-ups in 1.5 s (parent, children): %s" % woke
+    proc.terminate()
+    assert proc.wait(20) == 0 and _group_gone(proc.pid)
+    assert "Traceback" not in log.read_text()
+
+
+def test_workers_survive_a_killed_child_and_roll_on_sighup_without_losing_a_request(workers):
+    import signal
+    proc, port, log = workers()
+    first = _served_pids(port, 2)
+    results, stop, turn = [], threading.Event(), threading.Lock()
+
+    def client():
+        while not stop.is_set():
+            with turn:  # the test kills a child only between two requests
+                results.append(_get(port))
+            time.sleep(0.005)
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        victim = min(first)
+        with turn:
+            os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(_children(proc.pid)) == 2 and victim not in _children(proc.pid), 20)
+        second = _served_pids(port, 2)
+        assert victim not in second and len(second & first) == 1  # the survivor and a new child
+        assert "exited with status -9; restarting" in log.read_text()
+        before = len(results)
+        os.kill(proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: not set(_children(proc.pid)) & second and len(_children(proc.pid)) == 2, 30)
+        third = _served_pids(port, 2)
+        assert not third & second
+        assert len(results) > before + 10
+    finally:
+        stop.set()
+        thread.join(10)
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:3]
+    proc.terminate()  # drains every child
+    assert proc.wait(20) == 0 and _group_gone(proc.pid)
+
+
+def _notifications(name):
+    """A datagram socket bound at ``name`` ("@..." abstract): (socket, read(until) -> messages)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name[1:] if name.startswith("@") else name)
+    sock.settimeout(20)
+    got = []
+
+    def read(until, count=1):
+        while got.count(until) < count:
+            got.extend(sock.recv(4096).decode().split("\n"))
+        return got
+    return sock, read
+
+
+def test_socket_activation_and_sd_notify_ready_reloading_stopping(tmp_path, reloading):
+    import signal
+    (tmp_path / "app.py").write_text(_WORKER_APP)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    name = "@minipub-test-%d" % os.getpid()
+    notify, read = _notifications(name)
+    # systemd's part: the socket as fd 3, LISTEN_PID the pid of the process that execs minipub.
+    wrapper = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+               "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+    env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="http", NOTIFY_SOCKET=name, PYTHONPATH=HERE)
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, str(listener.fileno()), os.path.join(HERE, "minipub.py"),
+                             "app:Root", "--workers", "2", "--port", "1"],  # --port ignored: systemd's socket
+                            cwd=str(tmp_path), env=env, pass_fds=(listener.fileno(),), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    listener.close()  # only minipub holds it now
+    try:
+        assert read("READY=1") == ["READY=1"]  # once both workers serve
+        assert len(_served_pids(port, 2)) == 2
+        proc.send_signal(signal.SIGHUP)
+        got = read("READY=1", 2)  # once every worker has been replaced
+        assert got[:2] == ["READY=1", "RELOADING=1"] and got[2].startswith("MONOTONIC_USEC=")
+        assert got[3:] == ["READY=1"]
+        proc.terminate()
+        assert read("STOPPING=1")[-1] == "STOPPING=1"
+        assert proc.wait(20) == 0 and _group_gone(proc.pid)
+        assert "WATCHDOG=1" not in read("STOPPING=1")  # no WatchdogSec: no watchdog, no wake-ups
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+
+
+def test_sd_notify_path_socket_and_watchdog_in_a_single_process(tmp_path, reloading):
+    (tmp_path / "app.py").write_text(_WORKER_APP)
+    path = str(tmp_path / "notify")
+    notify, read = _notifications(path)
+    os.environ.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="100000")
+    try:
+        proc, port, log = reloading([sys.executable, os.path.join(HERE, "minipub.py"), "app:Root",
+                                     "--port", "{port}"])
+    finally:
+        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+    try:
+        assert read("READY=1") == ["READY=1"]
+        read("WATCHDOG=1")
+        started = time.monotonic()
+        read("WATCHDOG=1", 4)
+        assert time.monotonic() - started >= 0.14  # every 50 ms (half the period), not in a burst
+        proc.terminate()
+        assert read("STOPPING=1")[-1] == "STOPPING=1" and proc.wait(20) == 0
+    finally:
+        notify.close()
+
+
+def _unix_get(path, target="/"):
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(5)
+            self.sock.connect(path)
+    conn = UnixConnection("localhost", timeout=5)
+    try:
+        conn.request("GET", target)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+def test_unix_socket_file_mode_cleanup_stale_and_refusals(tmp_path, reloading):
+    (tmp_path / "app.py").write_text(_WORKER_APP)
+    path = tmp_path / "app.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # what a crashed run leaves: a socket file nobody accepts on
+    stale.close()
+    argv = [sys.executable, os.path.join(HERE, "minipub.py"), "app:Root", "--server.socket_file", str(path),
+            "--server.socket_file_mode", "600"]
+    proc, _, log = reloading(argv)
+    assert wait_until(lambda: "serving on http://unix:%s:/" % path in log.read_text(), 20), log.read_text()
+    status, body = _unix_get(str(path))
+    assert status == 200 and body.split()[2] == "-"  # no peer address for a Unix peer
+    import stat
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_ISSOCK(os.stat(path).st_mode)
+    taken = run_cli(["app:Root", "--server.socket_file", str(path)], cwd=str(tmp_path))
+    assert taken.returncode == 2 and "cannot listen on %s: another process accepts on it" % path in taken.stderr
+    proc.terminate()
+    assert proc.wait(20) == 0 and not path.exists()  # removed on exit
+    path.write_text("precious")
+    refused = run_cli(["app:Root", "--server.socket_file", str(path)], cwd=str(tmp_path))
+    assert refused.returncode == 2 and "exists and is not a socket: not removing it" in refused.stderr
+    assert path.read_text() == "precious"
+
+
+def test_pidfile_written_refused_while_alive_replaced_when_stale_and_removed(tmp_path, reloading):
+    (tmp_path / "app.py").write_text(_WORKER_APP)
+    pidfile = tmp_path / "app.pid"
+    pidfile.write_text("%d\n" % _dead_pid())  # stale: that process is gone
+    proc, port, log = reloading([sys.executable, os.path.join(HERE, "minipub.py"), "app:Root", "--port", "{port}",
+                                 "--engine.pidfile", str(pidfile)])
+    _wait_for(port, lambda status, body: status == 200)
+    assert pidfile.read_text() == "%d\n" % proc.pid
+    again = run_cli(["app:Root", "--port", str(free_port()), "--engine.pidfile", str(pidfile)], cwd=str(tmp_path))
+    assert again.returncode == 2 and "process %d is running" % proc.pid in again.stderr
+    proc.terminate()
+    assert proc.wait(20) == 0 and not pidfile.exists()
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait(10)
+    return child.pid
+
+
+def test_daemonize_detaches_with_stdio_on_dev_null(tmp_path):
+    (tmp_path / "app.py").write_text(_WORKER_APP)
+    pidfile, port = tmp_path / "app.pid", free_port()
+    started = run_cli(["app:Root", "--port", str(port), "--engine.daemonize", "true", "--engine.pidfile",
+                       str(pidfile), "--log.error_file", str(tmp_path / "error.log")], cwd=str(tmp_path))
+    assert started.returncode == 0 and started.stdout == ""
+    assert wait_until(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"), 10)
+    pid = int(pidfile.read_text())
+    try:
+        _wait_for(port, lambda status, body: int(body.split()[0]) == pid)
+        assert os.getsid(pid) not in (os.getsid(0), pid)  # a session of its own, and not its leader
+        assert {os.readlink("/proc/%d/fd/%d" % (pid, fd)) for fd in (0, 1, 2)} == {os.devnull}
+    finally:
+        os.kill(pid, 15)
+    assert wait_until(lambda: not pidfile.exists(), 20)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="dropping privileges needs root")
+def test_drop_privileges_binds_port_81_as_root_then_serves_as_nobody(tmp_path, reloading):
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    (tmp_path / "app.py").write_text(_WORKER_APP)
+    os.chmod(tmp_path, 0o755)
+    # After the switch the interpreter still imports (lazily): its library must be readable by nobody,
+    # which a pyenv Python under /root is not.
+    become = "import os, sys; os.setgid(%d); os.setuid(%d); " % (nobody.pw_gid, nobody.pw_uid)
+    python = next((py for py in (sys.executable, "/usr/bin/python3") if os.path.exists(py) and subprocess.run(
+        [py, "-c", become + "import json, signal"], capture_output=True, timeout=20).returncode == 0), None)
+    if python is None:
+        pytest.skip("no Python whose standard library the user nobody can read")
+    proc, _, log = reloading([python, os.path.join(HERE, "minipub.py"), "app:Root", "--port", "81",
+                              "--engine.user", "nobody", "--engine.umask", "027"])
+    try:
+        pid, uid, _, umask = _wait_for(81, lambda status, body: status == 200)[1].split()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert (int(pid), int(uid), umask) == (proc.pid, nobody.pw_uid, "27")
+    # Not root, asked to switch: refused before serving (with workers the parent never imports app.py).
+    refused = subprocess.run([python, "-c", become + "os.execv(sys.executable, sys.argv[1:])", python,
+                              os.path.join(HERE, "minipub.py"),
+                              "app:Root", "--port", str(free_port()), "--engine.user", "root", "--workers", "2"],
+                             cwd=str(tmp_path), capture_output=True, text=True, timeout=20)
+    assert refused.returncode == 2 and "only root can switch user" in refused.stderr
 
 
 # ===========================================================================
