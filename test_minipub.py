@@ -4763,7 +4763,7 @@ def test_cli_bad_targets_get_one_line_and_status_2(tmp_path, source, target, mes
      "lazy:Root has no exposed handler and is not a WSGI callable(environ, start_response)"),
     ({"lazy.py": "def main():\n    pass\n"}, ["lazy:main"], "lazy:main has no exposed handler"),
     ({"db.py": APP.replace("class Root:", "class Root:\n    def __init__(self, db):\n        pass")}, ["db:Root"],
-     "db:Root cannot be created without arguments (missing a required argument: 'db')"),
+     "__init__() missing 1 required positional argument: 'db'): serve an instance instead, e.g. root = Root(...)"),
     ({"boom.py": "class Root:\n    def __init__(self):\n        1 / 0\n"}, ["boom:Root"],
      "Root() failed: ZeroDivisionError: division by zero (%(dir)s/boom.py, line 3)"),
     ({"site.py": APP}, ["site:Root"], "'import site' loads %(site)s, not your ./site.py: that module shadows your app"),
@@ -4893,6 +4893,47 @@ def test_cli_serves_app_that_imports_minipub_and_stops_on_sigterm(tmp_path):
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert "serving on http://127.0.0.1:%d/; Ctrl-C to quit\n" % port in err and '"GET /?who=you HTTP/1.1" 200' in err
+
+
+def test_cli_script_reruns_itself_from_a_pyc_keeping_pid_argv_and_sigterm(tmp_path):
+    """``python minipub.py`` becomes, in the same process, minipub run from a cached .pyc (the
+    compiler's garbage is not kept resident); the app sees the script's argv, sys.path and __file__."""
+    import signal
+    (tmp_path / "app.py").write_text(
+        "import json, os, sys, minipub\n"
+        "class Root:\n"
+        "    @minipub.expose\n"
+        "    def index(self):\n"
+        "        return json.dumps([os.getpid(), sys.argv, sys.path[:2], minipub.__file__, minipub._how_started(),\n"
+        "                           type(minipub.__loader__).__name__, sys.modules['__main__'] is minipub])\n")
+    port, script = free_port(), os.path.relpath(os.path.join(HERE, "minipub.py"), str(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    argv = [script, "app:Root", "--port", str(port), "--log.screen=false"]
+    proc = subprocess.Popen([sys.executable] + argv, cwd=str(tmp_path), env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, proc)
+        answer = json.loads(urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5).read())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=15)[1]
+    mine = os.path.join(str(tmp_path), script)
+    assert answer == [proc.pid, argv, [str(tmp_path), os.path.dirname(os.path.realpath(mine))], mine,
+                      ["path", os.path.abspath(mine)], "SourcelessFileLoader", True]
+    assert proc.returncode == 0 and err == ""
+    assert [f for _, _, files in os.walk(str(tmp_path / "cache" / "minipub")) for f in files] == [
+        "minipub.%s.pyc" % sys.implementation.cache_tag]
+
+
+def test_cli_usual_arguments_read_without_argparse_as_argparse_reads_them():
+    usual = [["app:Root"], ["app:Root", "--port", "8080"], ["--port=80", "app:Root", "--reload"],
+             ["app:Root", "--server.thread_pool", "3", "--log.screen=false", "--host", "::", "--threads", "04"],
+             ["app:Root", "--config", "x.ini", "--certfile=a", "--keyfile", "b", "--host="]]
+    for argv in usual:
+        assert vars(minipub._usual_args(argv)) == vars(minipub._parse_args(minipub._arg_parser(), argv)), argv
+    for argv in ([], ["--help"], ["-h"], ["--version"], ["a:b", "c"], ["a:b", "--port"], ["a:b", "--port", "-1"],
+                 ["a:b", "--po", "1"], ["a:b", "--reload=1"], ["a:b", "--target", "x"], ["a:b", "--", "x"], ["-"]):
+        assert minipub._usual_args(argv) is None, argv  # argparse's: help, version, its messages
 
 
 def test_cli_serves_a_plain_wsgi_callable(tmp_path):
