@@ -194,11 +194,8 @@ def load_config(path: str) -> dict:
     too, and are the application's: see ``tree.mount``); values are Python literals, never executed."""
     flat, sections = _read_ini(path)
     for section, keys in sections.items():
-        for key, value in keys.items():
-            _check_key(key, value, "[%s]" % section)
-    values = make_config()
-    values.update((key, _check_key(key, value, "[global]")) for key, value in flat.items())
-    return values
+        _checked(keys, "[%s]" % section)
+    return dict(make_config(), **_checked(flat))
 
 
 # -- layered configuration: namespaces and sections ----------------------------
@@ -229,6 +226,11 @@ def _check_key(key: str, value, section: str):
     return check(rest, value, key, section)
 
 
+def _checked(keys: dict, section: str = "[global]") -> dict:
+    """``keys`` as stored: each one checked by _check_key for ``section``."""
+    return {key: _check_key(key, value, section) for key, value in keys.items()}
+
+
 def _check_tool_key(rest, value, key, section):
     name, _, arg = rest.partition(".")
     tool = tools.__dict__.get(name)
@@ -256,24 +258,23 @@ def _check_hooks_key(rest, value, key, section):
     return tuple(hooks)
 
 
-def _check_request_key(rest, value, key, section):
-    if rest == "dispatch" and isinstance(value, Dispatcher):
-        return value
-    if rest == "error_response" and callable(value):
-        return value
-    raise ConfigError("unknown config key %r in %s" % (key, section))
+# The request.* and response.* keys that are not LIMITS rows, and what each value must be.
+_VALUE_CHECKS = {"request.dispatch": lambda value: isinstance(value, Dispatcher), "request.error_response": callable,
+                 # generators are always streamed; the key is accepted for CherryPy programs
+                 "response.stream": lambda value: isinstance(value, bool)}
 
 
-def _check_response_key(rest, value, key, section):
-    if rest.startswith("headers.") and _NAME.fullmatch(rest[8:]) and isinstance(value, str):
+def _check_value_key(rest, value, key, section):
+    if key.startswith("response.headers.") and _NAME.fullmatch(rest[8:]):  # response.headers.NAME = "text"
+        if isinstance(value, str):
+            return value
+    elif _VALUE_CHECKS.get(key, lambda value: False)(value):
         return value
-    if rest == "stream" and isinstance(value, bool):
-        return value  # generators are always streamed; the key is accepted for CherryPy programs
     raise ConfigError("unknown config key %r in %s" % (key, section))
 
 
 _NAMESPACES = {"tools": _check_tool_key, "error_page": _check_error_page_key, "hooks": _check_hooks_key,
-               "request": _check_request_key, "response": _check_response_key}
+               "request": _check_value_key, "response": _check_value_key}
 
 
 def _read_sections(config) -> tuple:
@@ -347,8 +348,7 @@ class Settings(dict):
             raise ConfigError("path sections %s belong to an application: pass them to tree.mount() or "
                               "quickstart()" % ", ".join(sorted(sections)))
         flat.update(more)
-        checked = {key: _check_key(key, value, "[global]") for key, value in flat.items()}
-        super().update(checked)
+        super().update(_checked(flat))
         self.version += 1
 
     def __setitem__(self, key, value):
@@ -2619,9 +2619,8 @@ class Application:
     def __init__(self, root, config=None, script_name: str = ""):
         self.root, self.script_name = root, script_name.rstrip("/")
         flat, sections = _read_sections(config)
-        self.own = {key: _check_key(key, value, "[global]") for key, value in flat.items()}
-        self.sections = {path: {key: _check_key(key, value, "[%s]" % path) for key, value in keys.items()}
-                         for path, keys in sections.items()}
+        self.own = _checked(flat)
+        self.sections = {path: _checked(keys, "[%s]" % path) for path, keys in sections.items()}
         self._paths = sorted(self.sections, key=lambda p: (p != "/", p.count("/"), p))  # shallow first
         self._plans, self._routes, self._version, self._base = {}, {}, None, None
         _trusted_networks(self.config["server.trusted_proxies"])  # a bad entry fails here, not per request
@@ -2807,8 +2806,7 @@ class _Plan:
             merged.update(app.sections[path])
         for node in walked:
             for own in _cp_configs(node):
-                merged.update((key, _check_key(key, value, "_cp_config of %s" % _name_of(node)))
-                              for key, value in own.items())
+                merged.update(_checked(own, "_cp_config of %s" % _name_of(node)))
         self.config = MappingProxyType(merged)  # shared by the route's requests: read-only
         self.hooks = _hooks_of(merged, route)
         self.tracebacks = merged["request.show_tracebacks"]
@@ -2843,8 +2841,7 @@ def _check_tree(root, limit: int = 2000) -> None:
             continue
         seen.add(id(node))
         for conf in _cp_configs(node):
-            for key, value in conf.items():
-                _check_key(key, value, "_cp_config of %s" % _name_of(node))
+            _checked(conf, "_cp_config of %s" % _name_of(node))
         names = {}
         for klass in reversed(type(node).__mro__[:-1]):
             names.update(vars(klass))
@@ -3081,8 +3078,13 @@ def _merge(query: dict, body: dict) -> dict:
     """Query then body parameters; a name given more than once gets the list of its values."""
     if not body:
         return query
-    return _pairs_to_dict((name, v) for params in (query, body) for name, value in params.items()
-                          for v in (value if isinstance(value, list) else [value]))
+    return _pairs_to_dict(_form_items(query) + _form_items(body))
+
+
+def _form_items(fields) -> list:
+    """[(name, value)] from a dict or pairs; a list value gives one item per element."""
+    items = fields.items() if isinstance(fields, dict) else fields or ()
+    return [(name, v) for name, value in items for v in (value if isinstance(value, list) else [value])]
 
 
 def _pairs_to_dict(pairs) -> dict:
@@ -3191,11 +3193,10 @@ def _error_body(req, resp, status: int, message, detail) -> bytes:
     conf = req.config
     if _wants_json(req):
         resp.headers["Content-Type"] = "application/json"
-        import json
         fields = {"status": status, "message": message or _sentence(status)}
         if detail:
             fields["traceback"] = detail
-        return json.dumps(fields).encode("utf-8")
+        return _json_bytes(fields)
     custom = conf.get("error_page.%d" % status) or conf.get("error_page.default")
     if custom is None:
         return error_page(status, message, detail)
@@ -3355,11 +3356,8 @@ class Tree:
         return getattr(self.apps.get(""), "root", None)
 
     def __call__(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
         for name in self._order:
-            if not name or path == name or path.startswith(name + "/"):
-                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + name
-                environ["PATH_INFO"] = path[len(name):]
+            if not name or _mount(environ, name):
                 app = self.apps[name]
                 return app.serve(environ, start_response) if isinstance(app, Application) \
                     else app(environ, start_response)
@@ -3458,16 +3456,8 @@ class Tool:
 
 def _arg_names(func):
     """The keyword arguments ``func`` takes, or None if it takes any (**kwargs)."""
-    code = getattr(func, "__code__", None)
-    if code is None:
-        import inspect
-        params = inspect.signature(func).parameters.values()
-        if any(p.kind == p.VAR_KEYWORD for p in params):
-            return None
-        return frozenset(p.name for p in params)
-    if code.co_flags & 8:
-        return None
-    return frozenset(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
+    _, _, names, _, varkw = _spec(func)
+    return None if varkw else names
 
 
 class Toolbox:
@@ -4345,7 +4335,7 @@ class _Digest:
         from collections import OrderedDict
         if (users is None) == (get_ha1 is None) or (userhash and users is None):
             raise TypeError("auth_digest needs one of users= or get_ha1= (userhash needs users=)")
-        if get_ha1 is not None and _positional_count(get_ha1) == 2:
+        if get_ha1 is not None and len(_spec(get_ha1)[0]) == 2:
             # CherryPy's get_ha1(realm, user) returns H(A1) for MD5 only.
             plain, algorithms = get_ha1, [a for a in algorithms if a.upper().startswith("MD5")] or ["MD5"]
             get_ha1 = lambda realm, user, algorithm: plain(realm, user)  # noqa: E731
@@ -4484,11 +4474,6 @@ class _Digest:
                 return False
             entry[1:] = top, mask | 1 << (top - nc)
             return True
-
-
-def _positional_count(func) -> int:
-    code = getattr(func, "__code__", None)
-    return code.co_argcount - hasattr(func, "__self__") if code is not None else -1
 
 
 # Before the body is read (CherryPy: before_handler): an unauthenticated client's upload is
@@ -5155,12 +5140,6 @@ def _request_body(data, json_value, files) -> tuple:
     return (data.encode("utf-8") if isinstance(data, str) else data or b""), None
 
 
-def _form_items(fields) -> list:
-    """[(name, value)] from a dict or pairs; a list value gives one item per element."""
-    items = fields.items() if isinstance(fields, dict) else fields or ()
-    return [(name, v) for name, value in items for v in (value if isinstance(value, list) else [value])]
-
-
 def _multipart_body(data, files) -> tuple:
     boundary = "minipub-" + os.urandom(12).hex()
 
@@ -5669,7 +5648,7 @@ def _reload_child() -> int:
     _NONCE_SECRET, _MULTIPROCESS = bytes.fromhex(state["secret"]), state["config"]["server.workers"] > 1
     threading.Thread(target=_lifeline, args=(chan,), name="minipub-lifeline", daemon=True).start()
     config = make_config()  # the parent's settings, tools.* and the like included
-    config.update((key, _check_key(key, value, "[global]")) for key, value in state["config"].items())
+    config.update(_checked(state["config"]))
     sys.argv[:] = state["argv"]
     # A .pyc is trusted when the source's size and mtime in whole seconds match:
     # two saves within one second would load stale code.  Children never write one.
