@@ -3224,16 +3224,22 @@ def _accept_q(header: str, media: str) -> float:
         rng = rng.strip(" \t").lower()
         rank = 2 if rng == media else 1 if rng == kind + "/*" else 0 if rng == "*/*" else -1
         if rank > best:
-            q = 1.0
-            for param in params.split(";"):
-                name, _, value = param.strip(" \t").partition("=")
-                if name.lower() == "q":
-                    try:
-                        q = float(value)
-                    except ValueError:
-                        q = 0.0
-            best, q_best = rank, q
+            best, q_best = rank, _qvalue(params)
     return q_best
+
+
+def _qvalue(params: str) -> float:
+    """The weight (``q=``) among the ';'-separated parameters of one Accept or Accept-Encoding
+    entry: 1 without one, 0 for one that is not a number (RFC 9110 12.4.2)."""
+    q = 1.0
+    for param in params.split(";"):
+        name, _, value = param.strip(" \t").partition("=")
+        if name.lower() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                q = 0.0
+    return q
 
 
 def _wants_json(req) -> bool:
@@ -3629,14 +3635,7 @@ def _coding_q(header: str, coding: str) -> float:
     found = {}
     for item in header.split(","):
         name, _, params = item.strip(" \t").partition(";")
-        q = 1.0
-        name_, _, value = params.strip(" \t").partition("=")
-        if name_.strip().lower() == "q":
-            try:
-                q = float(value)
-            except ValueError:
-                q = 0.0
-        found[name.strip(" \t").lower()] = q
+        found[name.strip(" \t").lower()] = _qvalue(params)
     return found.get(coding, found.get("x-" + coding, found.get("*", 0.0)))
 
 
@@ -4261,10 +4260,20 @@ def _one_of(users, other, tool: str, name: str) -> None:
         raise TypeError("%s needs exactly one of users= or %s=" % (tool, name))
 
 
+def _checkpassword_dict(user_password_dict: dict):
+    """CherryPy's lib.auth_basic.checkpassword_dict: a checkpassword(realm, user, password)."""
+    import hmac
+
+    def checkpassword(realm, user, password):
+        stored = user_password_dict.get(user)  # an unknown user is compared too: no early answer
+        same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
+        return same and stored is not None
+    return checkpassword
+
+
 def _basic(realm: str, users: dict = None, checkpassword=None, accept_charset: str = "utf-8"):
     """tools.auth_basic: the Basic check for one request."""
     import base64
-    import hmac
     _one_of(users, checkpassword, "tools.auth_basic", "checkpassword")
     req = _local.request
     challenge = [("WWW-Authenticate", 'Basic realm=%s, charset="UTF-8"' % _quoted(realm))]
@@ -4279,13 +4288,7 @@ def _basic(realm: str, users: dict = None, checkpassword=None, accept_charset: s
     # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
     if not colon or re.search(r"[\x00-\x1f\x7f]", text):
         raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
-    if users is not None:
-        stored = users.get(user)
-        same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
-        ok = same and stored is not None
-    else:
-        ok = checkpassword(realm, user, password)
-    if not ok:
+    if not (checkpassword or _checkpassword_dict(users))(realm, user, password):
         raise HTTPError(401, "Wrong user name or password.", challenge)
     req.login = user
 
@@ -5095,8 +5098,9 @@ class TestClient:
             max_age = attrs.get("max-age", "")
             if re.fullmatch(r"-?[0-9]+", max_age):  # RFC 6265 5.3: Max-Age wins over Expires
                 gone = int(max_age) <= 0
-            else:
-                gone = _expired(attrs.get("expires"))
+            else:  # an unreadable Expires keeps the cookie, as browsers do
+                expires = _http_time(attrs.get("expires"))
+                gone = expires is not None and expires <= time.time()
             if gone:
                 self.cookies.pop(cookie, None)
             else:
@@ -5115,16 +5119,6 @@ def _is_wsgi(obj) -> bool:
     except ValueError:
         pass  # no signature to read (a builtin or C extension): trust it
     return True
-
-
-def _expired(expires: str) -> bool:
-    if not expires:
-        return False
-    from email.utils import parsedate_to_datetime
-    try:
-        return parsedate_to_datetime(expires).timestamp() <= time.time()
-    except (TypeError, ValueError):
-        return False  # unreadable: keep the cookie, as browsers do
 
 
 def _request_body(data, json_value, files) -> tuple:
@@ -6155,16 +6149,6 @@ def main(argv=None) -> int:
 # ``from minipub.lib import static``, ``minipub.lib.auth_basic.checkpassword_dict``,
 # ``from minipub.test import helper``, ``minipub.dispatch.MethodDispatcher``: views
 # of this one file's objects registered in sys.modules, not a second framework.
-
-def _checkpassword_dict(user_password_dict: dict):
-    """CherryPy's lib.auth_basic.checkpassword_dict: a checkpassword(realm, user, password)."""
-    import hmac
-
-    def checkpassword(realm, user, password):
-        stored = user_password_dict.get(user)
-        return stored is not None and hmac.compare_digest(stored.encode("utf-8"), password.encode("utf-8"))
-    return checkpassword
-
 
 def _get_ha1_dict_plain(user_password_dict: dict):
     """CherryPy's lib.auth_digest.get_ha1_dict_plain: get_ha1(realm, user) = MD5(user:realm:password)."""
