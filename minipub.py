@@ -4288,7 +4288,7 @@ def _basic(realm: str, users: dict = None, checkpassword=None, accept_charset: s
     # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
     if not colon or re.search(r"[\x00-\x1f\x7f]", text):
         raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
-    if not (checkpassword or _checkpassword_dict(users))(realm, user, password):
+    if not (checkpassword if users is None else _checkpassword_dict(users))(realm, user, password):
         raise HTTPError(401, "Wrong user name or password.", challenge)
     req.login = user
 
@@ -5631,14 +5631,13 @@ def _lifeline(chan):
 
 def _reload_child() -> int:
     """A reloader child's entry point: run the program on the parent's socket."""
-    global _CHILD
+    global _CHILD, _NONCE_SECRET, _MULTIPROCESS
     import json
     import runpy
     state = json.loads(os.environ.pop(_RELOAD_ENV))
     chan = socket.socket(fileno=state["chan"])
     chan.set_inheritable(False)  # the app's own subprocesses must not keep it open
     _CHILD = {"chan": chan, "sock": state["sock"], "error": None, "files": [], "ready": False}
-    global _NONCE_SECRET, _MULTIPROCESS
     _NONCE_SECRET, _MULTIPROCESS = bytes.fromhex(state["secret"]), state["config"]["server.workers"] > 1
     threading.Thread(target=_lifeline, args=(chan,), name="minipub-lifeline", daemon=True).start()
     config = make_config()  # the parent's settings, tools.* and the like included
