@@ -194,11 +194,8 @@ def load_config(path: str) -> dict:
     too, and are the application's: see ``tree.mount``); values are Python literals, never executed."""
     flat, sections = _read_ini(path)
     for section, keys in sections.items():
-        for key, value in keys.items():
-            _check_key(key, value, "[%s]" % section)
-    values = make_config()
-    values.update((key, _check_key(key, value, "[global]")) for key, value in flat.items())
-    return values
+        _checked(keys, "[%s]" % section)
+    return dict(make_config(), **_checked(flat))
 
 
 # -- layered configuration: namespaces and sections ----------------------------
@@ -229,6 +226,11 @@ def _check_key(key: str, value, section: str):
     return check(rest, value, key, section)
 
 
+def _checked(keys: dict, section: str = "[global]") -> dict:
+    """``keys`` as stored: each one checked by _check_key for ``section``."""
+    return {key: _check_key(key, value, section) for key, value in keys.items()}
+
+
 def _check_tool_key(rest, value, key, section):
     name, _, arg = rest.partition(".")
     tool = tools.__dict__.get(name)
@@ -256,24 +258,23 @@ def _check_hooks_key(rest, value, key, section):
     return tuple(hooks)
 
 
-def _check_request_key(rest, value, key, section):
-    if rest == "dispatch" and isinstance(value, Dispatcher):
-        return value
-    if rest == "error_response" and callable(value):
-        return value
-    raise ConfigError("unknown config key %r in %s" % (key, section))
+# The request.* and response.* keys that are not LIMITS rows, and what each value must be.
+_VALUE_CHECKS = {"request.dispatch": lambda value: isinstance(value, Dispatcher), "request.error_response": callable,
+                 # generators are always streamed; the key is accepted for CherryPy programs
+                 "response.stream": lambda value: isinstance(value, bool)}
 
 
-def _check_response_key(rest, value, key, section):
-    if rest.startswith("headers.") and _NAME.fullmatch(rest[8:]) and isinstance(value, str):
+def _check_value_key(rest, value, key, section):
+    if key.startswith("response.headers.") and _NAME.fullmatch(rest[8:]):  # response.headers.NAME = "text"
+        if isinstance(value, str):
+            return value
+    elif _VALUE_CHECKS.get(key, lambda value: False)(value):
         return value
-    if rest == "stream" and isinstance(value, bool):
-        return value  # generators are always streamed; the key is accepted for CherryPy programs
     raise ConfigError("unknown config key %r in %s" % (key, section))
 
 
 _NAMESPACES = {"tools": _check_tool_key, "error_page": _check_error_page_key, "hooks": _check_hooks_key,
-               "request": _check_request_key, "response": _check_response_key}
+               "request": _check_value_key, "response": _check_value_key}
 
 
 def _read_sections(config) -> tuple:
@@ -347,8 +348,7 @@ class Settings(dict):
             raise ConfigError("path sections %s belong to an application: pass them to tree.mount() or "
                               "quickstart()" % ", ".join(sorted(sections)))
         flat.update(more)
-        checked = {key: _check_key(key, value, "[global]") for key, value in flat.items()}
-        super().update(checked)
+        super().update(_checked(flat))
         self.version += 1
 
     def __setitem__(self, key, value):
@@ -2620,9 +2620,8 @@ class Application:
     def __init__(self, root, config=None, script_name: str = ""):
         self.root, self.script_name = root, script_name.rstrip("/")
         flat, sections = _read_sections(config)
-        self.own = {key: _check_key(key, value, "[global]") for key, value in flat.items()}
-        self.sections = {path: {key: _check_key(key, value, "[%s]" % path) for key, value in keys.items()}
-                         for path, keys in sections.items()}
+        self.own = _checked(flat)
+        self.sections = {path: _checked(keys, "[%s]" % path) for path, keys in sections.items()}
         self._paths = sorted(self.sections, key=lambda p: (p != "/", p.count("/"), p))  # shallow first
         self._plans, self._routes, self._version, self._base = {}, {}, None, None
         _trusted_networks(self.config["server.trusted_proxies"])  # a bad entry fails here, not per request
@@ -2808,8 +2807,7 @@ class _Plan:
             merged.update(app.sections[path])
         for node in walked:
             for own in _cp_configs(node):
-                merged.update((key, _check_key(key, value, "_cp_config of %s" % _name_of(node)))
-                              for key, value in own.items())
+                merged.update(_checked(own, "_cp_config of %s" % _name_of(node)))
         self.config = MappingProxyType(merged)  # shared by the route's requests: read-only
         self.hooks = _hooks_of(merged, route)
         self.tracebacks = merged["request.show_tracebacks"]
@@ -2844,8 +2842,7 @@ def _check_tree(root, limit: int = 2000) -> None:
             continue
         seen.add(id(node))
         for conf in _cp_configs(node):
-            for key, value in conf.items():
-                _check_key(key, value, "_cp_config of %s" % _name_of(node))
+            _checked(conf, "_cp_config of %s" % _name_of(node))
         names = {}
         for klass in reversed(type(node).__mro__[:-1]):
             names.update(vars(klass))
@@ -3082,8 +3079,13 @@ def _merge(query: dict, body: dict) -> dict:
     """Query then body parameters; a name given more than once gets the list of its values."""
     if not body:
         return query
-    return _pairs_to_dict((name, v) for params in (query, body) for name, value in params.items()
-                          for v in (value if isinstance(value, list) else [value]))
+    return _pairs_to_dict(_form_items(query) + _form_items(body))
+
+
+def _form_items(fields) -> list:
+    """[(name, value)] from a dict or pairs; a list value gives one item per element."""
+    items = fields.items() if isinstance(fields, dict) else fields or ()
+    return [(name, v) for name, value in items for v in (value if isinstance(value, list) else [value])]
 
 
 def _pairs_to_dict(pairs) -> dict:
@@ -3192,11 +3194,10 @@ def _error_body(req, resp, status: int, message, detail) -> bytes:
     conf = req.config
     if _wants_json(req):
         resp.headers["Content-Type"] = "application/json"
-        import json
         fields = {"status": status, "message": message or _sentence(status)}
         if detail:
             fields["traceback"] = detail
-        return json.dumps(fields).encode("utf-8")
+        return _json_bytes(fields)
     custom = conf.get("error_page.%d" % status) or conf.get("error_page.default")
     if custom is None:
         return error_page(status, message, detail)
@@ -3224,16 +3225,22 @@ def _accept_q(header: str, media: str) -> float:
         rng = rng.strip(" \t").lower()
         rank = 2 if rng == media else 1 if rng == kind + "/*" else 0 if rng == "*/*" else -1
         if rank > best:
-            q = 1.0
-            for param in params.split(";"):
-                name, _, value = param.strip(" \t").partition("=")
-                if name.lower() == "q":
-                    try:
-                        q = float(value)
-                    except ValueError:
-                        q = 0.0
-            best, q_best = rank, q
+            best, q_best = rank, _qvalue(params)
     return q_best
+
+
+def _qvalue(params: str) -> float:
+    """The weight (``q=``) among the ';'-separated parameters of one Accept or Accept-Encoding
+    entry: 1 without one, 0 for one that is not a number (RFC 9110 12.4.2)."""
+    q = 1.0
+    for param in params.split(";"):
+        name, _, value = param.strip(" \t").partition("=")
+        if name.lower() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                q = 0.0
+    return q
 
 
 def _wants_json(req) -> bool:
@@ -3356,11 +3363,8 @@ class Tree:
         return getattr(self.apps.get(""), "root", None)
 
     def __call__(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
         for name in self._order:
-            if not name or path == name or path.startswith(name + "/"):
-                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + name
-                environ["PATH_INFO"] = path[len(name):]
+            if not name or _mount(environ, name):
                 app = self.apps[name]
                 return app.serve(environ, start_response) if isinstance(app, Application) \
                     else app(environ, start_response)
@@ -3459,16 +3463,8 @@ class Tool:
 
 def _arg_names(func):
     """The keyword arguments ``func`` takes, or None if it takes any (**kwargs)."""
-    code = getattr(func, "__code__", None)
-    if code is None:
-        import inspect
-        params = inspect.signature(func).parameters.values()
-        if any(p.kind == p.VAR_KEYWORD for p in params):
-            return None
-        return frozenset(p.name for p in params)
-    if code.co_flags & 8:
-        return None
-    return frozenset(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
+    _, _, names, _, varkw = _spec(func)
+    return None if varkw else names
 
 
 class Toolbox:
@@ -3640,14 +3636,7 @@ def _coding_q(header: str, coding: str) -> float:
     found = {}
     for item in header.split(","):
         name, _, params = item.strip(" \t").partition(";")
-        q = 1.0
-        name_, _, value = params.strip(" \t").partition("=")
-        if name_.strip().lower() == "q":
-            try:
-                q = float(value)
-            except ValueError:
-                q = 0.0
-        found[name.strip(" \t").lower()] = q
+        found[name.strip(" \t").lower()] = _qvalue(params)
     return found.get(coding, found.get("x-" + coding, found.get("*", 0.0)))
 
 
@@ -4272,10 +4261,20 @@ def _one_of(users, other, tool: str, name: str) -> None:
         raise TypeError("%s needs exactly one of users= or %s=" % (tool, name))
 
 
+def _checkpassword_dict(user_password_dict: dict):
+    """CherryPy's lib.auth_basic.checkpassword_dict: a checkpassword(realm, user, password)."""
+    import hmac
+
+    def checkpassword(realm, user, password):
+        stored = user_password_dict.get(user)  # an unknown user is compared too: no early answer
+        same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
+        return same and stored is not None
+    return checkpassword
+
+
 def _basic(realm: str, users: dict = None, checkpassword=None, accept_charset: str = "utf-8"):
     """tools.auth_basic: the Basic check for one request."""
     import base64
-    import hmac
     _one_of(users, checkpassword, "tools.auth_basic", "checkpassword")
     req = _local.request
     challenge = [("WWW-Authenticate", 'Basic realm=%s, charset="UTF-8"' % _quoted(realm))]
@@ -4290,13 +4289,7 @@ def _basic(realm: str, users: dict = None, checkpassword=None, accept_charset: s
     # RFC 7617 2: "The user-id and password MUST NOT contain any control characters"
     if not colon or re.search(r"[\x00-\x1f\x7f]", text):
         raise HTTPError(400, "Basic credentials must be user-id:password, no control characters.")
-    if users is not None:
-        stored = users.get(user)
-        same = hmac.compare_digest((stored or "").encode("utf-8"), password.encode("utf-8"))
-        ok = same and stored is not None
-    else:
-        ok = checkpassword(realm, user, password)
-    if not ok:
+    if not (checkpassword if users is None else _checkpassword_dict(users))(realm, user, password):
         raise HTTPError(401, "Wrong user name or password.", challenge)
     req.login = user
 
@@ -4346,7 +4339,7 @@ class _Digest:
         from collections import OrderedDict
         if (users is None) == (get_ha1 is None) or (userhash and users is None):
             raise TypeError("auth_digest needs one of users= or get_ha1= (userhash needs users=)")
-        if get_ha1 is not None and _positional_count(get_ha1) == 2:
+        if get_ha1 is not None and len(_spec(get_ha1)[0]) == 2:
             # CherryPy's get_ha1(realm, user) returns H(A1) for MD5 only.
             plain, algorithms = get_ha1, [a for a in algorithms if a.upper().startswith("MD5")] or ["MD5"]
             get_ha1 = lambda realm, user, algorithm: plain(realm, user)  # noqa: E731
@@ -4485,11 +4478,6 @@ class _Digest:
                 return False
             entry[1:] = top, mask | 1 << (top - nc)
             return True
-
-
-def _positional_count(func) -> int:
-    code = getattr(func, "__code__", None)
-    return code.co_argcount - hasattr(func, "__self__") if code is not None else -1
 
 
 # Before the body is read (CherryPy: before_handler): an unauthenticated client's upload is
@@ -5111,8 +5099,9 @@ class TestClient:
             max_age = attrs.get("max-age", "")
             if re.fullmatch(r"-?[0-9]+", max_age):  # RFC 6265 5.3: Max-Age wins over Expires
                 gone = int(max_age) <= 0
-            else:
-                gone = _expired(attrs.get("expires"))
+            else:  # an unreadable Expires keeps the cookie, as browsers do
+                expires = _http_time(attrs.get("expires"))
+                gone = expires is not None and expires <= time.time()
             if gone:
                 self.cookies.pop(cookie, None)
             else:
@@ -5133,16 +5122,6 @@ def _is_wsgi(obj) -> bool:
     return True
 
 
-def _expired(expires: str) -> bool:
-    if not expires:
-        return False
-    from email.utils import parsedate_to_datetime
-    try:
-        return parsedate_to_datetime(expires).timestamp() <= time.time()
-    except (TypeError, ValueError):
-        return False  # unreadable: keep the cookie, as browsers do
-
-
 def _request_body(data, json_value, files) -> tuple:
     """(body bytes, Content-Type or None) for TestClient.request."""
     if json_value is not None:
@@ -5154,12 +5133,6 @@ def _request_body(data, json_value, files) -> tuple:
         from urllib.parse import urlencode
         return urlencode(data, doseq=True).encode("ascii"), "application/x-www-form-urlencoded"
     return (data.encode("utf-8") if isinstance(data, str) else data or b""), None
-
-
-def _form_items(fields) -> list:
-    """[(name, value)] from a dict or pairs; a list value gives one item per element."""
-    items = fields.items() if isinstance(fields, dict) else fields or ()
-    return [(name, v) for name, value in items for v in (value if isinstance(value, list) else [value])]
 
 
 def _multipart_body(data, files) -> tuple:
@@ -5659,18 +5632,17 @@ def _lifeline(chan):
 
 def _reload_child() -> int:
     """A reloader child's entry point: run the program on the parent's socket."""
-    global _CHILD
+    global _CHILD, _NONCE_SECRET, _MULTIPROCESS
     import json
     import runpy
     state = json.loads(os.environ.pop(_RELOAD_ENV))
     chan = socket.socket(fileno=state["chan"])
     chan.set_inheritable(False)  # the app's own subprocesses must not keep it open
     _CHILD = {"chan": chan, "sock": state["sock"], "error": None, "files": [], "ready": False}
-    global _NONCE_SECRET, _MULTIPROCESS
     _NONCE_SECRET, _MULTIPROCESS = bytes.fromhex(state["secret"]), state["config"]["server.workers"] > 1
     threading.Thread(target=_lifeline, args=(chan,), name="minipub-lifeline", daemon=True).start()
     config = make_config()  # the parent's settings, tools.* and the like included
-    config.update((key, _check_key(key, value, "[global]")) for key, value in state["config"].items())
+    config.update(_checked(state["config"]))
     sys.argv[:] = state["argv"]
     # A .pyc is trusted when the source's size and mtime in whole seconds match:
     # two saves within one second would load stale code.  Children never write one.
@@ -6209,16 +6181,6 @@ def main(argv=None) -> int:
 # ``from minipub.lib import static``, ``minipub.lib.auth_basic.checkpassword_dict``,
 # ``from minipub.test import helper``, ``minipub.dispatch.MethodDispatcher``: views
 # of this one file's objects registered in sys.modules, not a second framework.
-
-def _checkpassword_dict(user_password_dict: dict):
-    """CherryPy's lib.auth_basic.checkpassword_dict: a checkpassword(realm, user, password)."""
-    import hmac
-
-    def checkpassword(realm, user, password):
-        stored = user_password_dict.get(user)
-        return stored is not None and hmac.compare_digest(stored.encode("utf-8"), password.encode("utf-8"))
-    return checkpassword
-
 
 def _get_ha1_dict_plain(user_password_dict: dict):
     """CherryPy's lib.auth_digest.get_ha1_dict_plain: get_ha1(realm, user) = MD5(user:realm:password)."""
