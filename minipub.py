@@ -6306,7 +6306,8 @@ if __name__ == "__main__":
         pyc_dir, sys.argv[0] = os.path.dirname(__file__), os.environ.pop("MINIPUB_SCRIPT")
         __file__ = os.path.join(os.getcwd(), sys.argv[0])  # what Python makes of the script's path
         sys.path[:1] = [os.path.dirname(os.path.realpath(__file__))] if sys.path[:1] == [pyc_dir] else sys.path[:1]
-    elif __spec__ is None and __file__.endswith(".py") and os.name == "posix" and sys.executable:
+    elif __spec__ is None and __file__.endswith(".py") and os.name == "posix" and sys.executable and \
+            "valgrind" not in os.environ.get("LD_PRELOAD", ""):  # an exec would leave the instruction counter behind
         _run_cached()  # returns only if it cannot
     sys.modules.setdefault(os.path.splitext(os.path.basename(__file__))[0], sys.modules[__name__])
     _import_paths(os.path.splitext(os.path.basename(__file__))[0])
