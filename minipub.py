@@ -440,8 +440,9 @@ class _Timeout(Exception):
 # ===========================================================================
 
 _ACCEPT, _WAKE, _QUEUED = object(), object(), object()
-_TICK = 0.002  # how often the watchdog checks that the serving threads make progress
-_QUIET = 100   # ticks without traffic before the watchdog sleeps until the next request
+_TICK = 0.005  # how often the watchdog checks that the serving threads make progress
+_STALL = 10    # ticks a request may compute before another worker takes the poll role
+_QUIET = 40    # ticks without traffic before the watchdog sleeps until the next request
 _RECV = 256 * KiB
 # After answering with unread input (an error, or a body we did not want) the
 # socket is half-closed and read for this long before closing: closing at once
@@ -498,14 +499,14 @@ class _Conn:
     """
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "timeout")
+                 "want", "timeout", "kind", "registered", "closing")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
         self.tls = self.handshaking = server.ssl_context is not None
         self.want, self.timeout = server._want, server.config["server.socket_timeout"]
-        self.head = self.deadline = None
-        self.lingering = self.late = False  # late: accepted after stop(), answered 503
+        self.head = self.deadline = self.kind = None  # kind: the deadline waited for, None while served
+        self.lingering = self.late = self.registered = self.closing = False  # late: accepted after stop(): 503
 
     def recv(self, timeout: float) -> None:
         """Feed the parser more bytes within ``timeout`` seconds."""
@@ -683,18 +684,24 @@ class _PollRole:
     """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
 
     Only the worker holding the pool's poll lock calls in, so it needs no locks of its own;
-    serving threads hand connections back through ``handback`` and the wake pipe.  What one
-    connection does never ends the poll role: an OSError (ssl.SSLError included: a reset, a
-    broken handshake) while accepting, wrapping, reading or closing it drops it at debug
+    serving threads hand connections back through ``handback`` and the wake pipe.  A connection
+    is registered once and stays in the selector while it is served, which saves two epoll_ctl()
+    calls per request; should another thread's round see it readable meanwhile (a pipelined
+    request, a close) it leaves the selector until it is handed back.  Each waiting kind has an
+    insertion-ordered dict of deadlines (one timeout per kind, so the first entry is the soonest).
+    What one connection does never ends the poll role: an OSError (ssl.SSLError included: a
+    reset, a broken handshake) while accepting, wrapping, reading or closing it drops it at debug
     level, any other exception is logged once with its traceback and drops it too.
     """
 
     def __init__(self, server, sock):
         self.server, self.config = server, server.config
         self.ssl_context, self.want = server.ssl_context, server._want
-        self.conns, self.pending = server._conns, server._pending
-        self.waiting, self.handback = {}, deque()
-        self.timers = {"head": deque(), "keepalive": deque(), "linger": deque()}
+        self.conns, self.pending, self.handback = server._conns, server._pending, deque()
+        self.timers = {"head": {}, "keepalive": {}, "linger": {}}
+        self.timeouts = {kind: _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
+                         for kind in self.timers}
+        self.soonest = float("inf")  # no deadline is earlier; may be early (entries left), never late
         self.sleeping = self.broken = False
         self.polls, self.pool = 0, None
         self.drain_until = None  # set by the first round after stop()
@@ -711,26 +718,34 @@ class _PollRole:
         if self.server._stopping:
             self._drain()
             cap = _STOP_ROUND if cap is None else min(cap, _STOP_ROUND)
+        # Serving threads write to the wake pipe only while we sleep (see
+        # _Pool._give_back); checking handback after announcing it closes the race.
+        self.sleeping = True
         timeout = 0 if self.handback else self.next_timeout()
         if cap is not None:
             timeout = cap if timeout is None else min(cap, timeout)
-        # Serving threads write to the wake pipe only while we sleep (see
-        # _Pool.give_back); checking handback after announcing it closes the race.
-        self.sleeping = True
         events = self.sel.select(timeout)
         self.sleeping = False
         if self.pool.watch_parked:
             self.pool.watch_event.set()  # traffic again: the watchdog resumes its ticks
         for key, _ in events:
-            if key.data is _ACCEPT:
+            conn = key.data
+            if conn is _ACCEPT:
                 self.listener.accept()
-            elif key.data is not _WAKE:
+            elif conn is _WAKE:
+                self._woken()
+            elif conn.kind is None:  # being served by another thread: out until handed back
+                conn.registered = False
+                self.sel.unregister(conn.sock)
+            else:
                 try:
-                    self.readable(key.data)
+                    self.readable(conn)
                 except Exception as exc:
-                    self.failed(key.data, exc)
-        self._take_back()
-        self._expire()
+                    self.failed(conn, exc)
+        while self.handback:
+            self.rewait(self.handback.popleft())
+        if time.monotonic() >= self.soonest:
+            self._expire()
         if self.listener.paused is not None:
             self.listener.retry()
         if self.server._stopping and self._drained():
@@ -742,6 +757,13 @@ class _PollRole:
         except OSError:
             pass  # the pipe is full: a wake-up is pending anyway
 
+    def _woken(self):
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except self.want:
+            pass  # drained (recv on the wake pipe never blocks)
+
     def failed(self, conn, exc) -> None:
         """Handling ``conn`` raised: drop that connection, keep serving everyone else."""
         if isinstance(exc, OSError):
@@ -751,18 +773,21 @@ class _PollRole:
         self.drop(conn)
 
     # -- waiting connections --------------------------------------------------
-    def wait(self, conn, kind):
-        timeout = _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
-        conn.deadline = time.monotonic() + timeout
-        self.timers[kind].append((conn.deadline, conn))
-        if conn not in self.waiting:
+    def wait(self, conn, kind, now: float = None):
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+        conn.deadline = deadline = (now or time.monotonic()) + self.timeouts[kind]
+        self.timers[kind][conn], conn.kind = deadline, kind
+        if deadline < self.soonest:
+            self.soonest = deadline
+        if not conn.registered:
             self.sel.register(conn.sock, selectors.EVENT_READ, conn)
-        self.waiting[conn] = kind
+            conn.registered = True
 
     def unwait(self, conn):
-        del self.waiting[conn]
-        conn.deadline = None
-        self.sel.unregister(conn.sock)
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+            conn.kind = conn.deadline = None
 
     def readable(self, conn, idle="head"):
         """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
@@ -773,19 +798,17 @@ class _PollRole:
         try:
             outcome = self._pull(conn)
         except ProtocolError as err:
-            if conn in self.waiting:
-                self.unwait(conn)
+            self.unwait(conn)
             return self.reject(conn, err)
         if outcome is NEED_DATA:
-            if conn not in self.waiting:
+            if conn.kind is None:
                 self.wait(conn, "head" if conn.parser.buffered else idle)
-            elif conn.parser.buffered and self.waiting[conn] != "head":
+            elif conn.parser.buffered and conn.kind != "head":
                 self.wait(conn, "head")  # the head deadline starts at its first byte
             return
-        if conn in self.waiting:
-            self.unwait(conn)
+        self.unwait(conn)
         if outcome is None:
-            self.close(conn)
+            self.drop(conn)
         elif conn.late:
             self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
         else:
@@ -836,76 +859,62 @@ class _PollRole:
         if conn.shut(answer):
             self.wait(conn, "linger")
         else:
-            self.close(conn)
+            self.drop(conn)
 
     def drop(self, conn):
-        if self.waiting.pop(conn, None) is not None:
+        """Close ``conn`` and forget it (the selector first: a closed descriptor is reused at once)."""
+        self.unwait(conn)
+        if conn.registered:
+            conn.registered = False
             try:
                 self.sel.unregister(conn.sock)
-            except (KeyError, ValueError):  # a failure came between register and waiting[conn]
+            except (KeyError, ValueError):  # a failure came between register and registered
                 pass
-        self.close(conn)
-
-    def close(self, conn):
         self.conns.discard(conn)
-        conn.deadline = None  # its timers are stale now
         try:
             conn.sock.close()
         except OSError:
             pass
 
-    def _take_back(self):
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except self.want:
-            pass  # drained (recv on the wake pipe never blocks)
-        while self.handback:
-            conn = self.handback.popleft()
-            try:
-                self.rewait(conn)
-            except Exception as exc:
-                self.failed(conn, exc)
-
     def rewait(self, conn):
-        """A served keep-alive connection waits for its next request."""
-        if conn.lingering:
-            self.linger(conn)
-        elif self.server._stopping:
-            self.close(conn)  # idle between requests: closing is allowed
-        elif conn.tls and conn.sock.pending():
-            self.readable(conn, "keepalive")  # decrypted bytes select() cannot see
-        else:
-            self.wait(conn, "head" if conn.parser.buffered else "keepalive")
+        """A served connection comes back: to wait for its next request, to linger, or to close."""
+        try:
+            if conn.closing or (self.server._stopping and not conn.lingering):
+                self.drop(conn)  # idle between requests while stopping: closing is allowed
+            elif conn.lingering:
+                self.linger(conn)
+            elif conn.tls and conn.sock.pending():
+                self.readable(conn, "keepalive")  # decrypted bytes select() cannot see
+            else:
+                self.wait(conn, "head" if conn.parser.buffered else "keepalive")
+        except Exception as exc:
+            self.failed(conn, exc)
 
     # -- deadlines ------------------------------------------------------------
     def next_timeout(self):
         paused = self.listener.paused
-        soonest = None if paused is None else paused[0]
-        for timers in self.timers.values():
-            while timers and timers[0][1].deadline != timers[0][0]:
-                timers.popleft()  # stale: that connection moved on
-            if timers and (soonest is None or timers[0][0] < soonest):
-                soonest = timers[0][0]
-        return None if soonest is None else max(0.0, soonest - time.monotonic())
+        soonest = self.soonest if paused is None else min(self.soonest, paused[0])
+        return None if soonest == float("inf") else max(0.0, soonest - time.monotonic())
 
     def _expire(self):
         now = time.monotonic()
         for kind, timers in self.timers.items():
-            while timers and (timers[0][1].deadline != timers[0][0] or timers[0][0] <= now):
-                deadline, conn = timers.popleft()
-                if conn.deadline != deadline:
-                    continue
+            expired = []
+            for conn, deadline in timers.items():
+                if deadline > now:
+                    break
+                expired.append(conn)
+            for conn in expired:
                 try:
-                    self.unwait(conn)
                     if kind == "head" and conn.parser.buffered:
+                        self.unwait(conn)
                         self.reject(conn, ProtocolError(408, "Request head took too long.\n"))
                     else:
-                        self.close(conn)
+                        self.drop(conn)
                 except Exception as exc:
                     self.failed(conn, exc)
-            if len(timers) > 2 * len(self.waiting) + 64:  # drop stale entries, keep order
-                self.timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
+        self.soonest = min([next(iter(timers.values())) for timers in self.timers.values() if timers],
+                           default=float("inf"))
 
     # -- stopping -------------------------------------------------------------
     def _drain(self):
@@ -918,24 +927,27 @@ class _PollRole:
             self.drain_until = now + min(1.0, self.config["server.head_timeout"])
             if _CHILD is not None:
                 self.listener.stop()
-        late = now >= self.drain_until
-        for conn in [c for c, kind in self.waiting.items() if kind == "keepalive" or (late and kind == "head")]:
+        for conn in list(self.timers["keepalive"]) + (list(self.timers["head"]) if now >= self.drain_until else []):
             self.drop(conn)
 
     def busy(self) -> list:
         """The connections a worker is serving or about to serve."""
-        return [conn for conn in list(self.conns) if conn not in self.waiting]
+        return [conn for conn in list(self.conns) if conn.kind is None]
 
     def _drained(self) -> bool:
         """Nothing left to serve (lingering closes do not hold up the stop)."""
         if self.pending or self.busy():
             return False
         late = self.drain_until is not None and time.monotonic() >= self.drain_until
-        return late or "head" not in self.waiting.values()
+        return late or not self.timers["head"]
 
     def close_all(self, selector: bool) -> None:
         for conn in list(self.conns):
-            self.close(conn)
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        self.conns.clear()
         if selector:
             self.sel.close()
         for sock in (self.listener.sock, self.wake_r, self.wake_w):
@@ -991,8 +1003,13 @@ class _Pool:
 
     # -- the watchdog ---------------------------------------------------------
     def watch(self) -> None:
-        """Tick while there is traffic; wake a parked worker when the serving ones stall."""
-        poll, quiet, seen = self.poll, 0, None
+        """Tick while there is traffic; wake a parked worker when the serving ones stall.
+
+        Stalled means: no poll round and no request finished since the last tick, nobody in
+        select(), and the process used less than half the tick's CPU time (so the serving threads
+        wait on something, not compute), or no progress for _STALL ticks even so.  Counting CPU
+        time keeps a slow request that computes (a slow machine, valgrind) from changing threads."""
+        poll, quiet, seen, stalled, cpu = self.poll, 0, None, 0, 0.0
         while not self.server._stopping:
             if quiet >= _QUIET:
                 self.watch_event.clear()
@@ -1003,9 +1020,11 @@ class _Pool:
             else:
                 time.sleep(_TICK)
             quiet = quiet + 1 if poll.sleeping and not self.pending else 0
-            if (poll.polls, self.done) == seen and not poll.sleeping and not self.wake_one():
+            progress, used = (poll.polls, self.done), time.process_time()
+            stalled = stalled + 1 if progress == seen and not poll.sleeping else 0
+            if stalled and (used - cpu < _TICK / 2 or stalled >= _STALL) and not self.wake_one():
                 self._poll_for_busy_workers()
-            seen = (poll.polls, self.done)
+            seen, cpu = progress, used
 
     def _poll_for_busy_workers(self):
         """Every worker is inside the application: keep accepting and reading heads."""
@@ -1058,21 +1077,19 @@ class _Pool:
         except Exception:  # a bug in minipub itself: never let a worker die
             _logger().exception("internal error serving %s", conn.addr)
             keep = False
-        if keep is False and (conn.parser.in_body or conn.parser.buffered or conn.parser.error):
-            conn.lingering, keep = True, True  # unread input: a plain close would send a reset
-        if keep is True:
+        if keep is False:
+            # unread input: a plain close would send a reset
+            conn.lingering = bool(conn.parser.in_body or conn.parser.buffered or conn.parser.error)
+            conn.closing = not conn.lingering
+        if keep is not _QUEUED:
             self._give_back(conn)
-        elif keep is False:
-            self.poll.close(conn)
 
     def _give_back(self, conn):
-        """A keep-alive connection returns to the poll role, directly if it is free."""
+        """A served connection returns to the poll role (to wait, linger or close), directly if it is free."""
         poll = self.poll
         if self.poll_lock.acquire(blocking=False):
             try:
                 poll.rewait(conn)
-            except Exception as exc:
-                poll.failed(conn, exc)
             finally:
                 self.poll_lock.release()
         else:
