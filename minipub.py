@@ -82,7 +82,7 @@ class _Lazy:
 
     def __getattr__(self, name):  # reached only until the first use binds the methods
         compiled = re.compile(self.pattern, self.flags)
-        for method in ("fullmatch", "match", "search", "sub", "split"):
+        for method in ("fullmatch", "match", "search", "sub", "split", "findall"):
             setattr(self, method, getattr(compiled, method))
         return getattr(compiled, name)
 
@@ -499,13 +499,13 @@ class _Conn:
     """
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "timeout", "kind", "registered", "closing")
+                 "want", "timeout", "kind", "registered", "closing", "env")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
         self.tls = self.handshaking = server.ssl_context is not None
         self.want, self.timeout = server._want, server.config["server.socket_timeout"]
-        self.head = self.deadline = self.kind = None  # kind: the deadline waited for, None while served
+        self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
         self.lingering = self.late = self.registered = self.closing = False  # late: accepted after stop(): 503
 
     def recv(self, timeout: float) -> None:
@@ -529,7 +529,15 @@ class _Conn:
 
     def send(self, data) -> None:
         """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
-        view = memoryview(data)
+        try:
+            sent = self.sock.send(data)
+        except self.want:
+            sent = 0
+        except OSError:
+            raise _ClientGone() from None
+        if sent == len(data):
+            return  # usually all at once: no memoryview, no loop
+        view = memoryview(data)[sent:]
         while view:
             try:
                 view = view[self.sock.send(view):]
@@ -1099,14 +1107,16 @@ class _Pool:
 
     def _serve(self, conn) -> bool:
         """Answer requests on ``conn``; True hands it back to the poll role."""
-        server = self.server
+        server, parser = self.server, conn.parser
         for _ in range(self.config["server.max_pipelined_requests"]):
             keep = _Exchange(server, conn).run()
             self.done += 1
             if not keep or server._stopping:
                 return False
             try:
-                head = conn.parser.next_event()
+                head = parser.next_event()
+                if head is END_OF_MESSAGE:  # of a request without a body
+                    head = parser.next_event()
             except ProtocolError as err:
                 _Exchange(server, conn).fail(err.status, err.message)
                 return False
@@ -1397,19 +1407,22 @@ _CHUNK_LINE = _Lazy(rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:
 # Host = uri-host [ ":" port ] ; uri-host = IP-literal / IPv4address / reg-name
 _HOST = _Lazy(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
 _ABSOLUTE = _Lazy(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
+# The whole head in one match, latin-1 decoded: the request line, then *( CRLF field-line ) with
+# field-name = token minus "_" and field-value without CTLs (so no bare CR or LF anywhere).  A
+# head it refuses goes through the line-by-line checks, which name what is wrong.
+_HEAD = _Lazy(r"([%s]+) ([\x21-\x7e]+) HTTP/1\.([01])((?:\r\n[%s]+:[\t\x20-\x7e\x80-\xff]*)*)"
+              % (_TCHAR.decode(), _TCHAR.decode().replace("_", "")))
+_FIELD_LINE = _Lazy(r"\r\n([^:]+):[\t ]*([^\r]*?)[\t ]*(?=\r|\Z)")
 
 
 class RequestHead:
     """The request line and header fields, with the framing they imply."""
 
-    __slots__ = ("method", "target", "version", "headers", "path", "query", "host",
-                 "scheme", "content_length", "chunked", "keep_alive", "expect_continue")
+    query, host, scheme, content_length, chunked, expect_continue = "", None, None, None, False, False
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
-        self.path, self.query, self.host, self.scheme = target, "", None, None
-        self.content_length, self.chunked = None, False
-        self.keep_alive, self.expect_continue = version == "HTTP/1.1", False
+        self.path, self.keep_alive = target, version == "HTTP/1.1"
 
     def __repr__(self):
         return "<RequestHead %s %s %s>" % (self.method, self.target, self.version)
@@ -1427,6 +1440,7 @@ class RequestParser:
         self.max_ext = config["server.max_chunk_extension_size"]
         self.buffer, self.error, self._state = bytearray(), None, self._head
         self._scanned = self._remaining = self._total = 0
+        self.in_body = False  # True while the current request's body is not all returned
 
     def receive(self, data: bytes) -> None:
         self.buffer += data
@@ -1439,11 +1453,6 @@ class RequestParser:
     def body_left(self):
         """Bytes of a Content-Length body not yet returned; None when chunked."""
         return self._remaining if self._state == self._fixed_body else None
-
-    @property
-    def in_body(self) -> bool:
-        """True between a RequestHead and its END_OF_MESSAGE."""
-        return self._state != self._head
 
     def next_event(self, max_bytes: int = _RECV):
         if self.error is not None:
@@ -1460,10 +1469,12 @@ class RequestParser:
     # -- the head ----------------------------------------------------------
     def _head(self, max_bytes):
         buf = self.buffer
+        if not buf:
+            return NEED_DATA
         # RFC 9112 2.2: "a server that is expecting to receive and parse a
         # request-line SHOULD ignore at least one empty line (CRLF) received
         # prior to the request-line."
-        while buf[:2] == b"\r\n":
+        while buf.startswith(b"\r\n"):
             del buf[:2]
             self._scanned = 0
         end = buf.find(b"\r\n\r\n", self._scanned)
@@ -1503,10 +1514,12 @@ class RequestParser:
             self._state = self._fixed_body
         else:
             self._state = self._end
+            return
+        self.in_body = True
 
     # -- bodies ------------------------------------------------------------
     def _end(self, max_bytes):
-        self._state = self._head
+        self._state, self.in_body = self._head, False
         return END_OF_MESSAGE
 
     def _take(self, max_bytes, then):
@@ -1571,8 +1584,7 @@ class RequestParser:
             line = bytes(buf[:end])
             del buf[:end + 2]
             if not line:
-                self._state = self._head
-                return END_OF_MESSAGE
+                return self._end(max_bytes)
             self._remaining += len(line) + 2  # counts trailer bytes from here on
             if self._remaining > self.max_header:
                 raise ProtocolError(431, "Trailer section too large.")
@@ -1600,11 +1612,26 @@ def _field(line: bytes):
 
 def parse_head(block: bytes, parser: RequestParser) -> RequestHead:
     """Parse a request head (without its final CRLF CRLF) under ``parser``'s limits."""
-    line, _, fields = block.partition(b"\r\n")
-    if len(line) > parser.max_line:
+    first = block.find(b"\r\n")
+    if (len(block) if first < 0 else first) > parser.max_line:
         raise ProtocolError(414, "Request line too long.")
-    if len(fields) > parser.max_header:
+    if first >= 0 and len(block) - first - 2 > parser.max_header:
         raise ProtocolError(431, "Request header fields too large.")
+    match = _HEAD.fullmatch(block.decode("latin-1"))
+    if match is None:
+        _refuse_head(block, parser)
+    method, target, minor, fields = match.groups()
+    head = RequestHead(method, target, "HTTP/1." + minor, _FIELD_LINE.findall(fields) if fields else [])
+    _target(head)
+    if len(head.headers) > parser.max_fields:
+        raise ProtocolError(431, "Too many header fields.")
+    _semantics(head)
+    return head
+
+
+def _refuse_head(block: bytes, parser: RequestParser):
+    """A head _HEAD refused, checked line by line to say why (always raises)."""
+    line, _, fields = block.partition(b"\r\n")
     if block.count(b"\n") != block.count(b"\r\n") or block.count(b"\r") != block.count(b"\n"):
         # RFC 9112 2.2: "A sender MUST NOT generate a bare CR ... a recipient
         # of such a bare CR MUST consider that element to be invalid".
@@ -1614,8 +1641,7 @@ def parse_head(block: bytes, parser: RequestParser) -> RequestHead:
     if len(lines) > parser.max_fields:
         raise ProtocolError(431, "Too many header fields.")
     head.headers = [_field(field) for field in lines]
-    _semantics(head)
-    return head
+    raise ProtocolError(400, "Malformed request head.")  # not reached: _HEAD and the lines agree
 
 
 def _request_line(line: bytes) -> RequestHead:
@@ -1741,6 +1767,7 @@ _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _date_cache = [0, ""]
 _reasons = {}
+_STATUSES = {}  # status lines start_response() accepted -> their code
 
 
 def http_date(when: float = None) -> str:
@@ -1927,16 +1954,37 @@ class _Input:
         return self._next(1) == b"" and not self.ex.conn.parser.in_body
 
 
+class _NoBody:
+    """wsgi.input of a request without a body: at its end, and stateless, so one serves every thread."""
+
+    continue_sent = False
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    readline = read
+
+    def readlines(self, hint: int = -1) -> list:
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+
+_NO_BODY = _NoBody()
+
+
 class _Exchange:
     """One request and its response on a connection."""
 
+    status = headers = length = None
+    headers_sent = chunked = bodiless = add_length = False  # add_length: we add Content-Length
+    sent = 0
+
     def __init__(self, server, conn):
         self.server, self.conn, self.head = server, conn, conn.head
-        self.status = self.headers = self.length = None
-        self.headers_sent = self.chunked = self.bodiless = False
-        self.no_body = self.head.method == "HEAD"
-        self.sent, self.close = 0, not self.head.keep_alive
-        self.input = _Input(self)
+        self.no_body, self.close = self.head.method == "HEAD", not self.head.keep_alive
+        self.input = _Input(self) if conn.parser.in_body else _NO_BODY
 
     def run(self) -> bool:
         """Serve the request; True if the connection may carry another."""
@@ -1980,28 +2028,32 @@ class _Exchange:
             self.server.send(self.conn, _simple_response(status, message))
 
     def environ(self) -> dict:
-        head, conn, server = self.head, self.conn, self.server
-        env = {
-            "REQUEST_METHOD": head.method, "SCRIPT_NAME": "",
-            "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
-            "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
-            "REQUEST_URI": head.target, "RAW_URI": head.target,
-            "REMOTE_ADDR": conn.addr[0] if conn.addr else "", "REMOTE_PORT": str(conn.addr[1]) if conn.addr else "",
-            "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
-            "wsgi.input": self.input, "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-            "wsgi.multiprocess": False, "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
-        }
+        head, conn = self.head, self.conn
+        env = {**(conn.env or self.conn_environ()), "REQUEST_METHOD": head.method,
+               "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
+               "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
+               "REQUEST_URI": head.target, "RAW_URI": head.target, "wsgi.input": self.input}
         for name, value in head.headers:
             key = _ENV_KEYS.get(name) or _env_key(name)
             if key in env:
                 env[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
             else:
                 env[key] = value
-        if head.host is not None:
+        if head.scheme is not None:
             env["HTTP_HOST"] = head.host  # absolute-form authority wins over Host
         return env
+
+    def conn_environ(self) -> dict:
+        """The keys that stay the same for every request on this connection, built at its first."""
+        conn, server = self.conn, self.server
+        conn.env = {
+            "SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
+            "REMOTE_ADDR": conn.addr[0] if conn.addr else "", "REMOTE_PORT": str(conn.addr[1]) if conn.addr else "",
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
+            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+            "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
+        }
+        return conn.env
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -2012,11 +2064,15 @@ class _Exchange:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response() called twice without exc_info")
-        if not isinstance(status, str) or not _STATUS.fullmatch(status):
-            raise ValueError("invalid status line %r" % (status,))
+        code = _STATUSES.get(status) if type(status) is str else None
+        if code is None:
+            if not isinstance(status, str) or not _STATUS.fullmatch(status):
+                raise ValueError("invalid status line %r" % (status,))
+            code = int(status[:3])
+            if len(_STATUSES) < 1000:  # bounded: an application may put anything in a reason
+                _STATUSES[status] = code
         self.length = _check_headers(headers)
         self.status, self.headers = status, headers
-        code = int(status[:3])
         # RFC 9110 8.6: "A server MUST NOT send a Content-Length header field in
         # any response with a status code of 1xx (Informational) or 204 (No
         # Content)."  A 304 has no content either: none gets framing added.
@@ -2025,11 +2081,15 @@ class _Exchange:
         return self.write
 
     def send_result(self, result):
-        if isinstance(result, (list, tuple)) and all(type(b) is bytes for b in result):
-            body = result[0] if len(result) == 1 else b"".join(result)
+        if type(result) is list and len(result) == 1 and type(result[0]) is bytes:
+            body = result[0]  # the usual answer of a framework
+        elif isinstance(result, (list, tuple)) and all(type(b) is bytes for b in result):
+            body = b"".join(result)
+        else:
+            body = None
+        if body is not None:
             if not self.headers_sent and self.length is None and not self.bodiless:
-                self.length = len(body)
-                self.headers = self.headers + [("Content-Length", str(self.length))]
+                self.length, self.add_length = len(body), True
             self.write(body)
         elif isinstance(result, FileWrapper) and self.length is not None and not self.headers_sent:
             self.send_head(b"")
@@ -2067,8 +2127,7 @@ class _Exchange:
     def write_end(self):
         if not self.headers_sent:
             if self.length is None and not self.bodiless:
-                self.length = 0
-                self.headers = self.headers + [("Content-Length", "0")]
+                self.length, self.add_length = 0, True
             self.send_head(b"")
         elif self.chunked:
             self.server.send(self.conn, b"0\r\n\r\n")
@@ -2078,24 +2137,26 @@ class _Exchange:
     def send_head(self, first: bytes):
         if self.status is None:
             raise AssertionError("write() before start_response()")
-        lines = ["HTTP/1.1 ", self.status, "\r\n"]
-        for name, value in self.headers:
-            lines += (name, ": ", value, "\r\n")
-        if self.length is None and not self.no_body:
+        extra = ""
+        if self.add_length:
+            extra = "Content-Length: %d\r\n" % self.length
+        elif self.length is None and not self.no_body:
             if self.head.version == "HTTP/1.1":
-                self.chunked = True
-                lines.append("Transfer-Encoding: chunked\r\n")
+                self.chunked, extra = True, "Transfer-Encoding: chunked\r\n"
             else:
                 self.close = True  # HTTP/1.0 without a length: the close ends the body
-        if self.server._stopping or self.conn.parser.error is not None or self.unread_body_too_big():
+        parser = self.conn.parser
+        if self.server._stopping or parser.error is not None or (parser.in_body and self.unread_body_too_big()):
             self.close = True  # stopping, after a framing error, or a body we will not drain
         if self.close:
-            lines.append("Connection: close\r\n")
+            extra += "Connection: close\r\n"
         elif self.head.version == "HTTP/1.0":
-            lines.append("Connection: keep-alive\r\n")
-        lines += ("Date: ", _now_date(), "\r\n\r\n")
+            extra += "Connection: keep-alive\r\n"
+        fields = "\r\n".join(map(": ".join, self.headers))  # names and values checked already
+        head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
+                                                          _now_date())
         self.headers_sent = True
-        self.server.send(self.conn, "".join(lines).encode("latin-1") + self.frame(first))
+        self.server.send(self.conn, head.encode("latin-1") + self.frame(first))
 
     def unread_body_too_big(self) -> bool:
         """True if the rest of the request body will not be drained but closed on."""
@@ -2142,20 +2203,38 @@ def _check_headers(headers) -> int:
         raise TypeError("response headers must be a list of (name, value) tuples")
     length = None
     for item in headers:
-        if type(item) is not tuple or len(item) != 2:
-            raise TypeError("response header %r is not a (name, value) tuple" % (item,))
-        name, value = item
-        if type(name) is not str or not _NAME.fullmatch(name):
-            raise ValueError("invalid response header name %r" % (name,))
-        if type(value) is not str or not _VALUE.fullmatch(value):
-            raise ValueError("invalid value for response header %s: %r" % (name, value))
-        lname = name.lower()
-        if lname in _HOP_BY_HOP:
-            raise ValueError("hop-by-hop header %r is the server's business" % (name,))
-        if lname == "content-length":
-            if not value.isdigit() or not value.isascii():
-                raise ValueError("invalid Content-Length %r" % (value,))
-            length = int(value)
+        try:
+            known = _FIELDS[item]  # a field checked before: what it says about the length
+        except (KeyError, TypeError):  # TypeError: unhashable, so no tuple: refused below
+            known = _check_field(item)
+        if known is not None:
+            length = known
+    return length
+
+
+_FIELDS = {}  # (name, value) -> its Content-Length or None, for fields that passed _check_field
+
+
+def _check_field(item):
+    """One response field, checked; returns its Content-Length or None (remembered: bounded)."""
+    if type(item) is not tuple or len(item) != 2:
+        raise TypeError("response header %r is not a (name, value) tuple" % (item,))
+    name, value = item
+    if type(name) is not str or not _NAME.fullmatch(name):
+        raise ValueError("invalid response header name %r" % (name,))
+    if type(value) is not str or not _VALUE.fullmatch(value):
+        raise ValueError("invalid value for response header %s: %r" % (name, value))
+    lname, length = name.lower(), None
+    if lname in _HOP_BY_HOP:
+        raise ValueError("hop-by-hop header %r is the server's business" % (name,))
+    if lname == "content-length":
+        if not value.isdigit() or not value.isascii():
+            raise ValueError("invalid Content-Length %r" % (value,))
+        length = int(value)
+    if lname != "set-cookie":  # a session id has no business in a process-wide table
+        if len(_FIELDS) >= 1000:
+            _FIELDS.clear()
+        _FIELDS[item] = length
     return length
 
 
