@@ -439,7 +439,7 @@ class _Timeout(Exception):
 # a failure of the listening socket stops the server, with one error line.
 # ===========================================================================
 
-_ACCEPT, _WAKE, _QUEUED = object(), object(), object()
+_ACCEPT, _WAKE = object(), object()
 _TICK = 0.005  # how often the watchdog checks that the serving threads make progress
 _STALL = 10    # ticks a request may compute before another worker takes the poll role
 _QUIET = 40    # ticks without traffic before the watchdog sleeps until the next request
@@ -833,7 +833,7 @@ class _PollRole:
                 return None
             if not data:
                 return None
-            conn.parser.receive(data)
+            conn.parser.buffer += data  # receive(), without the call
             head = conn.parser.next_event()
             if head is not NEED_DATA:
                 conn.head = head
@@ -1053,22 +1053,24 @@ class _Pool:
 
     # -- workers --------------------------------------------------------------
     def _run(self, gate):
+        pending, poll_lock = self.pending, self.poll_lock
         while True:
-            try:
-                conn = self.pending.popleft()
-            except IndexError:
-                conn = None
-            if conn is not None:
-                self._serve_conn(conn)
+            if pending:
+                try:
+                    conn = pending.popleft()
+                except IndexError:  # another worker took it first
+                    continue
+                if not self._serve_conn(conn):
+                    continue
             elif self.exiting:
                 return
-            elif self.poll_lock.acquire(blocking=False):
-                if self.exiting:
-                    self.poll_lock.release()
-                else:
-                    self.lead()
-            else:
+            elif not poll_lock.acquire(blocking=False):
                 self._park(gate)
+                continue
+            if self.exiting or pending:  # holding poll_lock here
+                poll_lock.release()
+            else:
+                self.lead()
 
     def _park(self, gate):
         with self.lock:
@@ -1077,54 +1079,50 @@ class _Pool:
             self.idle.append(gate)
         gate.acquire()
 
-    def _serve_conn(self, conn):
+    def _serve_conn(self, conn) -> bool:
+        """Answer requests on ``conn``, then hand it back; True if this thread now holds poll_lock."""
+        server, parser, keep = self.server, conn.parser, False
         try:
-            keep = self._serve(conn)
+            for _ in range(self.config["server.max_pipelined_requests"]):
+                more = _Exchange(server, conn).run()
+                self.done += 1
+                if not more or server._stopping:
+                    break
+                try:
+                    head = parser.next_event()
+                    if head is END_OF_MESSAGE:  # of a request without a body
+                        head = parser.next_event() if parser.buffer else NEED_DATA
+                except ProtocolError as err:
+                    _Exchange(server, conn).fail(err.status, err.message)
+                    break
+                if head is NEED_DATA:
+                    keep = True
+                    break
+                conn.head = head
+            else:
+                self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
+                return False
         except _ClientGone:
-            keep = False
+            pass
         except Exception:  # a bug in minipub itself: never let a worker die
             _logger().exception("internal error serving %s", conn.addr)
-            keep = False
         if keep is False:
             # unread input: a plain close would send a reset
             conn.lingering = bool(conn.parser.in_body or conn.parser.buffered or conn.parser.error)
             conn.closing = not conn.lingering
-        if keep is not _QUEUED:
-            self._give_back(conn)
+        return self._give_back(conn)
 
-    def _give_back(self, conn):
-        """A served connection returns to the poll role (to wait, linger or close), directly if it is free."""
+    def _give_back(self, conn) -> bool:
+        """A served connection returns to the poll role (to wait, linger or close), directly if it
+        is free: True then, and this thread holds poll_lock (its next round takes no second lock)."""
         poll = self.poll
         if self.poll_lock.acquire(blocking=False):
-            try:
-                poll.rewait(conn)
-            finally:
-                self.poll_lock.release()
-        else:
-            poll.handback.append(conn)
-            if poll.sleeping:
-                poll.wake()
-
-    def _serve(self, conn) -> bool:
-        """Answer requests on ``conn``; True hands it back to the poll role."""
-        server, parser = self.server, conn.parser
-        for _ in range(self.config["server.max_pipelined_requests"]):
-            keep = _Exchange(server, conn).run()
-            self.done += 1
-            if not keep or server._stopping:
-                return False
-            try:
-                head = parser.next_event()
-                if head is END_OF_MESSAGE:  # of a request without a body
-                    head = parser.next_event()
-            except ProtocolError as err:
-                _Exchange(server, conn).fail(err.status, err.message)
-                return False
-            if head is NEED_DATA:
-                return True
-            conn.head = head
-        self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
-        return _QUEUED
+            poll.rewait(conn)
+            return True
+        poll.handback.append(conn)
+        if poll.sleeping:
+            poll.wake()
+        return False
 
 
 class Server:
@@ -1279,15 +1277,7 @@ class Server:
                               head.target if head else "", conn.addr[0] if conn.addr else "-")
         poll.close_all(selector=pool.poll_lock.acquire(timeout=1.0))  # a stuck round keeps its selector
 
-    # -- the I/O the WSGI bridge uses -----------------------------------------
-    def recv(self, conn, timeout: float) -> None:
-        """Feed the parser more bytes of ``conn`` within ``timeout`` seconds."""
-        conn.recv(timeout)
-
-    def send(self, conn, data) -> None:
-        """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
-        conn.send(data)
-
+    # -- the I/O the WSGI bridge uses besides _Conn's recv and send ------------
     def sendfile(self, conn, file, offset: int, count: int) -> int:
         """``count`` bytes of ``file`` from ``offset``; returns how many were sent (fewer if it shrank)."""
         return conn.sendfile(file, offset, count)
@@ -1393,7 +1383,7 @@ NEED_DATA, END_OF_MESSAGE, _AGAIN = _Event("NEED_DATA"), _Event("END_OF_MESSAGE"
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN = _Lazy(rb"[%s]+" % _TCHAR)
 # request-line = method SP request-target SP HTTP-version ; exactly one SP each
-_REQUEST_LINE = _Lazy(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
+_REQUEST_LINE = _Lazy(r"([%s]+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])" % _TCHAR.decode())
 # field-value = *field-content ; field-vchar = VCHAR / obs-text, SP and HTAB inside
 _BAD_VALUE = _Lazy(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = _Lazy(rb"[0-9]{1,18}")          # Content-Length = 1*DIGIT, bounded
@@ -1407,12 +1397,10 @@ _CHUNK_LINE = _Lazy(rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:
 # Host = uri-host [ ":" port ] ; uri-host = IP-literal / IPv4address / reg-name
 _HOST = _Lazy(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
 _ABSOLUTE = _Lazy(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
-# The whole head in one match, latin-1 decoded: the request line, then *( CRLF field-line ) with
-# field-name = token minus "_" and field-value without CTLs (so no bare CR or LF anywhere).  A
-# head it refuses goes through the line-by-line checks, which name what is wrong.
-_HEAD = _Lazy(r"([%s]+) ([\x21-\x7e]+) HTTP/1\.([01])((?:\r\n[%s]+:[\t\x20-\x7e\x80-\xff]*)*)"
-              % (_TCHAR.decode(), _TCHAR.decode().replace("_", "")))
-_FIELD_LINE = _Lazy(r"\r\n([^:]+):[\t ]*([^\r]*?)[\t ]*(?=\r|\Z)")
+# The fields of a head in one findall(): CRLF field-name ":" OWS field-value, field-name = token
+# minus "_" (see _field).  Values are checked for CTLs by _CTLS, for the whole head at once.
+_FIELD_LINE = _Lazy(r"\r\n([%s]+):[\t ]*([^\r]*)" % _TCHAR.decode().replace("_", ""))
+_CTLS = bytes(c for c in range(32) if c not in b"\t\r\n") + b"\x7f"
 
 
 class RequestHead:
@@ -1486,7 +1474,10 @@ class RequestParser:
         del buf[:end + 4]
         self._scanned = 0
         head = parse_head(block, self)
-        self._start_body(head)
+        if head.chunked or head.content_length:
+            self._start_body(head)
+        else:
+            self._state = self._end
         return head
 
     def _check_partial(self, buf, start):
@@ -1507,14 +1498,11 @@ class RequestParser:
         self._total = 0
         if head.chunked:
             self._state = self._chunk_size
-        elif head.content_length:
+        else:
             if self.max_body and head.content_length > self.max_body:
                 raise ProtocolError(413, "Request body too large.")
             self._remaining = head.content_length
             self._state = self._fixed_body
-        else:
-            self._state = self._end
-            return
         self.in_body = True
 
     # -- bodies ------------------------------------------------------------
@@ -1617,42 +1605,52 @@ def parse_head(block: bytes, parser: RequestParser) -> RequestHead:
         raise ProtocolError(414, "Request line too long.")
     if first >= 0 and len(block) - first - 2 > parser.max_header:
         raise ProtocolError(431, "Request header fields too large.")
-    match = _HEAD.fullmatch(block.decode("latin-1"))
-    if match is None:
+    # One pass each, in C: no CTL, every CR in a CRLF and every LF too; else the lines say why.
+    crs = block.count(b"\r")
+    if len(block.translate(None, _CTLS)) != len(block) or block.count(b"\n") != crs or block.count(b"\r\n") != crs:
         _refuse_head(block, parser)
-    method, target, minor, fields = match.groups()
-    head = RequestHead(method, target, "HTTP/1." + minor, _FIELD_LINE.findall(fields) if fields else [])
-    _target(head)
-    if len(head.headers) > parser.max_fields:
-        raise ProtocolError(431, "Too many header fields.")
+    text = block.decode("latin-1")
+    head = _request_line(text if first < 0 else text[:first])
+    if first >= 0:
+        if crs > parser.max_fields:
+            raise ProtocolError(431, "Too many header fields.")
+        fields = text[first:]
+        head.headers = _FIELD_LINE.findall(fields)
+        if len(head.headers) != crs:
+            _refuse_head(block, parser)  # a line without a valid name: say which rule it breaks
+        if " \r" in fields or "\t\r" in fields or fields[-1] in " \t":
+            head.headers = [(name, value.rstrip(" \t")) for name, value in head.headers]
     _semantics(head)
     return head
 
 
 def _refuse_head(block: bytes, parser: RequestParser):
-    """A head _HEAD refused, checked line by line to say why (always raises)."""
+    """A head parse_head refused, checked line by line to say why (always raises)."""
     line, _, fields = block.partition(b"\r\n")
     if block.count(b"\n") != block.count(b"\r\n") or block.count(b"\r") != block.count(b"\n"):
         # RFC 9112 2.2: "A sender MUST NOT generate a bare CR ... a recipient
         # of such a bare CR MUST consider that element to be invalid".
         raise ProtocolError(400, "Bare CR or LF in the request head.")
-    head = _request_line(line)
+    head = _request_line(line.decode("latin-1"))
     lines = fields.split(b"\r\n") if fields else ()
     if len(lines) > parser.max_fields:
         raise ProtocolError(431, "Too many header fields.")
     head.headers = [_field(field) for field in lines]
-    raise ProtocolError(400, "Malformed request head.")  # not reached: _HEAD and the lines agree
+    raise ProtocolError(400, "Malformed request head.")  # not reached: parse_head and the lines agree
 
 
-def _request_line(line: bytes) -> RequestHead:
+def _request_line(line: str) -> RequestHead:
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
         raise ProtocolError(400, "Malformed request line.")
-    method, target, major, minor = match.groups()
-    if (major, minor) not in ((b"1", b"1"), (b"1", b"0")):
+    method, target, version = match.groups()
+    if version != "HTTP/1.1" and version != "HTTP/1.0":
         raise ProtocolError(505, "HTTP version not supported.")
-    head = RequestHead(method.decode("ascii"), target.decode("ascii"), "HTTP/1." + minor.decode("ascii"), [])
-    _target(head)
+    head = RequestHead(method, target, version, [])
+    if target[0] == "/" and "#" not in target:  # origin-form, the usual
+        head.path, _, head.query = target.partition("?")
+    else:
+        _target(head)
     return head
 
 
@@ -1708,12 +1706,13 @@ def _host(head, hosts):
     # to any HTTP/1.1 request message that lacks a Host header field and to any
     # request message that contains more than one Host header field line or a
     # Host header field with an invalid field value."
-    if len(hosts) > 1 or (not hosts and head.version == "HTTP/1.1"):
+    if len(hosts) == 1:
+        if not _HOST.fullmatch(hosts[0]):
+            raise ProtocolError(400, "Invalid Host header.")
+        if head.host is None:
+            head.host = hosts[0]
+    elif hosts or head.version == "HTTP/1.1":
         raise ProtocolError(400, "Exactly one Host header is required.")
-    if hosts and not _HOST.fullmatch(hosts[0]):
-        raise ProtocolError(400, "Invalid Host header.")
-    if head.host is None and hosts:
-        head.host = hosts[0]
 
 
 def _transfer_coding(head, codings, lengths):
@@ -1753,8 +1752,8 @@ def _content_length(head, lengths):
 # CR, LF or NUL, or a hop-by-hop field, raises in start_response (the client
 # gets a 500), never silently stripped.  It frames the response
 # (Content-Length when known, else chunked on HTTP/1.1, else close) and sends
-# small responses in one write.  It reaches the socket only through the
-# Server's recv/send/sendfile methods.
+# small responses in one write.  It reaches the socket only through _Conn's
+# recv/send and the Server's sendfile.
 # ===========================================================================
 
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -1877,7 +1876,7 @@ class _Input:
             return b""
         if ex.head.expect_continue and not self.continue_sent and not ex.headers_sent:
             self.continue_sent = True
-            ex.server.send(ex.conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+            ex.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             event = parser.next_event(max_bytes)
             if event is END_OF_MESSAGE:
@@ -1885,7 +1884,7 @@ class _Input:
             if event is not NEED_DATA:
                 self.received += len(event)
                 return event
-            ex.server.recv(ex.conn, self._timeout())
+            ex.conn.recv(self._timeout())
 
     def _timeout(self) -> float:
         """Per-receive wait: socket_timeout, shortened to keep min_body_rate."""
@@ -1990,10 +1989,23 @@ class _Exchange:
         """Serve the request; True if the connection may carry another."""
         environ = self.environ()
         try:
-            self.respond(environ)
+            try:
+                result = self.server.app(environ, self.start_response)
+                try:
+                    self.send_result(result)
+                finally:
+                    if hasattr(result, "close"):
+                        result.close()
+            except (_ClientGone, _Timeout, ProtocolError):
+                raise
+            except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
+                # own stop is a flag, never an exception, so this one request fails, not the worker
+                _logger().exception("Error answering %s %s", self.head.method, self.head.target)
+                self.fail(500, None)
             if self.conn.parser.error is not None:
                 return False  # the app swallowed a framing error: never read on
-            self.finish_body()
+            if self.conn.parser.in_body:
+                self.finish_body()
         except _ClientGone:
             return False
         except _Timeout:
@@ -2004,28 +2016,13 @@ class _Exchange:
             self.log(environ)
         return not self.close
 
-    def respond(self, environ):
-        try:
-            result = self.server.app(environ, self.start_response)
-            try:
-                self.send_result(result)
-            finally:
-                if hasattr(result, "close"):
-                    result.close()
-        except (_ClientGone, _Timeout, ProtocolError):
-            raise
-        except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
-            # own stop is a flag, never an exception, so this one request fails, not the worker
-            _logger().exception("Error answering %s %s", self.head.method, self.head.target)
-            self.fail(500, None)
-
     def fail(self, status: int, message: str):
         """Answer with an error if nothing was sent yet; close either way."""
         self.close = True
         if not self.headers_sent:
             self.headers_sent = True
             self.status = status_line(status)
-            self.server.send(self.conn, _simple_response(status, message))
+            self.conn.send(_simple_response(status, message))
 
     def environ(self) -> dict:
         head, conn = self.head, self.conn
@@ -2111,7 +2108,7 @@ class _Exchange:
             if data or self.length == 0:
                 self.send_head(data)
         elif data:
-            self.server.send(self.conn, self.frame(data))
+            self.conn.send(self.frame(data))
 
     def frame(self, data: bytes) -> bytes:
         if self.no_body:
@@ -2130,7 +2127,7 @@ class _Exchange:
                 self.length, self.add_length = 0, True
             self.send_head(b"")
         elif self.chunked:
-            self.server.send(self.conn, b"0\r\n\r\n")
+            self.conn.send(b"0\r\n\r\n")
         if self.length is not None and self.sent < self.length and not self.no_body:
             self.close = True  # the body is shorter than announced: the client must notice
 
@@ -2156,7 +2153,7 @@ class _Exchange:
         head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
                                                           _now_date())
         self.headers_sent = True
-        self.server.send(self.conn, head.encode("latin-1") + self.frame(first))
+        self.conn.send(head.encode("latin-1") + self.frame(first))
 
     def unread_body_too_big(self) -> bool:
         """True if the rest of the request body will not be drained but closed on."""

@@ -345,8 +345,8 @@ def test_framing_error_in_body_closes_even_if_app_catches_it(serve):
 
 def test_small_response_is_one_write(serve, monkeypatch):
     writes = []
-    original = minipub.Server.send
-    monkeypatch.setattr(minipub.Server, "send", lambda self, conn, data: (writes.append(data), original(self, conn, data)))
+    original = minipub._Conn.send
+    monkeypatch.setattr(minipub._Conn, "send", lambda conn, data: (writes.append(data), original(conn, data)))
     server = serve(hello_app)
     exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\nhello ")
