@@ -810,11 +810,13 @@ class _PollRole:
             return self.reject(conn, err)
         if outcome is NEED_DATA:
             if conn.kind is None:
-                self.wait(conn, "head" if conn.parser.buffered else idle)
-            elif conn.parser.buffered and conn.kind != "head":
+                self.wait(conn, "head" if conn.parser.buffer else idle)
+            elif conn.parser.buffer and conn.kind != "head":
                 self.wait(conn, "head")  # the head deadline starts at its first byte
             return
-        self.unwait(conn)
+        if conn.kind is not None:  # unwait(), inline
+            del self.timers[conn.kind][conn]
+            conn.kind = conn.deadline = None
         if outcome is None:
             self.drop(conn)
         elif conn.late:
@@ -894,7 +896,7 @@ class _PollRole:
             elif conn.tls and conn.sock.pending():
                 self.readable(conn, "keepalive")  # decrypted bytes select() cannot see
             else:
-                self.wait(conn, "head" if conn.parser.buffered else "keepalive")
+                self.wait(conn, "head" if conn.parser.buffer else "keepalive")
         except Exception as exc:
             self.failed(conn, exc)
 
@@ -1614,11 +1616,10 @@ def parse_head(block: bytes, parser: RequestParser) -> RequestHead:
     if first >= 0:
         if crs > parser.max_fields:
             raise ProtocolError(431, "Too many header fields.")
-        fields = text[first:]
-        head.headers = _FIELD_LINE.findall(fields)
+        head.headers = _FIELD_LINE.findall(text, first)
         if len(head.headers) != crs:
             _refuse_head(block, parser)  # a line without a valid name: say which rule it breaks
-        if " \r" in fields or "\t\r" in fields or fields[-1] in " \t":
+        if b" \r" in block or b"\t\r" in block or block[-1] in b" \t":  # trailing OWS, rare
             head.headers = [(name, value.rstrip(" \t")) for name, value in head.headers]
     _semantics(head)
     return head
@@ -1694,14 +1695,6 @@ def _semantics(head):
             if value.lower() != "100-continue":
                 raise ProtocolError(417, "Only 'Expect: 100-continue' is supported.")
             head.expect_continue = head.version == "HTTP/1.1"
-    _host(head, hosts)
-    if codings is not None:  # present, even if it lists no coding at all
-        _transfer_coding(head, codings, lengths)
-    elif lengths:
-        _content_length(head, lengths)
-
-
-def _host(head, hosts):
     # RFC 9112 3.2: "A server MUST respond with a 400 (Bad Request) status code
     # to any HTTP/1.1 request message that lacks a Host header field and to any
     # request message that contains more than one Host header field line or a
@@ -1713,6 +1706,10 @@ def _host(head, hosts):
             head.host = hosts[0]
     elif hosts or head.version == "HTTP/1.1":
         raise ProtocolError(400, "Exactly one Host header is required.")
+    if codings is not None:  # present, even if it lists no coding at all
+        _transfer_coding(head, codings, lengths)
+    elif lengths:
+        _content_length(head, lengths)
 
 
 def _transfer_coding(head, codings, lengths):
@@ -2150,8 +2147,9 @@ class _Exchange:
         elif self.head.version == "HTTP/1.0":
             extra += "Connection: keep-alive\r\n"
         fields = "\r\n".join(map(": ".join, self.headers))  # names and values checked already
+        now = int(time.time())
         head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
-                                                          _now_date())
+                                                          _date_cache[1] if _date_cache[0] == now else _now_date())
         self.headers_sent = True
         self.conn.send(head.encode("latin-1") + self.frame(first))
 
