@@ -110,6 +110,10 @@ LIMITS = (
     ("server.max_request_header_size", 64 * KiB, "bytes", "larger header section: 431"),
     ("server.max_header_count", 100, "fields", "more header fields: 431"),
     ("server.max_request_body_size", 1 * GiB, "bytes", "larger body: 413; 0 means unlimited"),
+    ("server.body_buffer_size", 1 * MiB, "bytes",
+     "a request body up to this size is read by the poll role before a worker sees the request"),
+    ("server.max_unsent_bytes", 512 * MiB, "bytes",
+     "response bytes queued for slow readers, all connections together (memory, then temporary files)"),
     ("server.max_chunk_extension_size", 1 * KiB, "bytes",
      "chunk extensions are ignored, so they may not be used to send unbounded data: 400"),
     ("server.min_body_rate", 1024, "bytes/s", "after socket_timeout of grace a slower upload is cut with 408"),
@@ -449,6 +453,7 @@ _RECV = 256 * KiB
 # would send a reset, which can destroy the answer before the client reads it.
 _LINGER_CLOSE = 2.0
 _DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
+_OUT_MEMORY = 256 * KiB  # unsent output of one connection kept in memory; more goes to its temporary file
 _PAUSE = 0.25  # out of descriptors: accept is tried again after this long, or once a connection closed
 _FD_SPARE = 64  # descriptors kept beyond server.max_connections: listener, selector, the app's files
 _STOP_ROUND = 0.05  # while stopping, the poll role re-checks this often whether the drain is over
@@ -499,14 +504,15 @@ class _Conn:
     """
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "timeout", "kind", "registered", "closing", "env")
+                 "want", "timeout", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
         self.tls = self.handshaking = server.ssl_context is not None
         self.want, self.timeout = server._want, server.config["server.socket_timeout"]
         self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
-        self.lingering = self.late = self.registered = self.closing = False  # late: accepted after stop(): 503
+        self.lingering = self.late = self.registered = self.closing = self.ready = False  # late: 503 (stopping)
+        self.server, self.out, self.spill, self.since = server, deque(), None, 0.0  # out: see queue()
 
     def recv(self, timeout: float) -> None:
         """Feed the parser more bytes within ``timeout`` seconds."""
@@ -528,25 +534,70 @@ class _Conn:
         self.parser.receive(data)
 
     def send(self, data) -> None:
-        """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
+        """Send ``data`` now as far as the socket takes it; queue() the rest: a worker never waits."""
+        if self.out:
+            return self.queue(data)  # behind what is queued already: order is kept
         try:
             sent = self.sock.send(data)
         except self.want:
             sent = 0
         except OSError:
             raise _ClientGone() from None
-        if sent == len(data):
-            return  # usually all at once: no memoryview, no loop
-        view = memoryview(data)[sent:]
-        while view:
+        if sent < len(data):
+            self.queue(memoryview(data)[sent:])
+
+    def queue(self, data) -> None:
+        """Unsent output for the poll role (see flush): in memory up to _OUT_MEMORY per connection, then
+        in this connection's temporary file; beyond server.max_unsent_bytes in all, the client is dropped."""
+        server, size = self.server, len(data)
+        with server._unsent_lock:
+            if server._unsent + size > server.config["server.max_unsent_bytes"]:
+                raise _ClientGone()
+            server._unsent += size
+        if self.spill is None and sum(len(item) for item in self.out if type(item) is bytes) + size > _OUT_MEMORY:
+            import tempfile
+            self.spill = tempfile.TemporaryFile()
+        if self.spill is None:
+            return self.out.append(bytes(data))
+        self.spill.seek(0, os.SEEK_END)
+        self.out.append([self.spill.fileno(), self.spill.tell(), size, True])  # True: counted in _unsent
+        self.spill.write(data)
+        self.spill.flush()
+
+    def flush(self) -> bool:
+        """Send queued output until the socket would block; True if any went.  OSError: gone."""
+        progress, sock = False, self.sock
+        while self.out:
+            item = self.out[0]
             try:
-                view = view[self.sock.send(view):]
-            except self.want as exc:
-                write = type(exc).__name__ != "SSLWantReadError"  # TLS must read before it can send
-                if not _wait_for(self.sock, write, self.timeout):
-                    raise _ClientGone() from None
-            except OSError:
-                raise _ClientGone() from None
+                if type(item) is bytes:
+                    sent = sock.send(item)
+                elif self.tls:  # sendfile(2) cannot encrypt: a read and a send per step
+                    sent = sock.send(os.pread(item[0], min(item[2], _RECV), item[1]))
+                else:
+                    sent = os.sendfile(sock.fileno(), item[0], item[1], min(item[2], 16 * _RECV))
+            except self.want:
+                return progress
+            progress = True
+            if type(item) is bytes:
+                self.release(sent)
+                self.out[0] = item = item[sent:]
+                if not item:
+                    self.out.popleft()
+                continue
+            if not sent:  # the file shrank: the client must see the body end early
+                sent, self.closing = item[2], True
+            self.release(sent if item[3] else 0)
+            item[1], item[2] = item[1] + sent, item[2] - sent
+            if item[2] <= 0:
+                self.out.popleft()
+                if not item[3]:
+                    os.close(item[0])
+        return progress
+
+    def release(self, size: int) -> None:
+        with self.server._unsent_lock:
+            self.server._unsent -= size
 
     def shut(self, answer: bytes = b"") -> bool:
         """Lingering close, first step: send ``answer`` if the socket takes it at once, then stop
@@ -575,25 +626,27 @@ class _Conn:
         return False  # a fast sender: more next round, until the linger deadline
 
     def sendfile(self, file, offset: int, count: int) -> int:
-        """Send ``count`` bytes of ``file`` from ``offset``; returns how many were sent: fewer when
-        the file shrank meanwhile (log rotation, a deploy).  Zero-copy on plain sockets."""
-        if self.tls:  # sendfile(2) cannot encrypt: blocks through send()'s loop
-            file.seek(offset)
-            sent = 0
-            while sent < count:
-                block = file.read(min(count - sent, _RECV))
-                if not block:
-                    break
-                self.send(block)
-                sent += len(block)
-            return sent
-        self.sock.settimeout(self.timeout)  # socket.sendfile() waits with the socket's timeout
-        try:
-            return self.sock.sendfile(file, offset, count)
-        except OSError:
-            raise _ClientGone() from None
-        finally:
-            self.sock.setblocking(False)
+        """Queue ``count`` bytes of ``file`` from ``offset`` and send what goes at once (zero-copy on
+        plain sockets); returns the count queued: fewer when the file shrank (log rotation, a deploy)."""
+        count = max(0, min(count, os.fstat(file.fileno()).st_size - offset))
+        if count:
+            self.out.append([os.dup(file.fileno()), offset, count, False])  # ours: the app closes its file
+            try:
+                self.flush()
+            except OSError:
+                raise _ClientGone() from None
+        return count
+
+    def discard(self) -> None:
+        """Free what is queued: the memory, the temporary file, the file descriptors we dup()ed."""
+        for item in self.out:
+            if type(item) is list and not item[3]:
+                os.close(item[0])
+        self.release(sum(len(i) if type(i) is bytes else i[2] if i[3] else 0 for i in self.out))
+        self.out.clear()
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
 
 class _Acceptor:
@@ -706,9 +759,10 @@ class _PollRole:
         self.server, self.config = server, server.config
         self.ssl_context, self.want = server.ssl_context, server._want
         self.conns, self.pending, self.handback = server._conns, server._pending, deque()
-        self.timers = {"head": {}, "keepalive": {}, "linger": {}}
-        self.timeouts = {kind: _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
-                         for kind in self.timers}
+        self.timers = {"head": {}, "keepalive": {}, "linger": {}, "write": {}, "body": {}}
+        self.timeouts = {"head": self.config["server.head_timeout"], "linger": _LINGER_CLOSE,
+                         "keepalive": self.config["server.keepalive_timeout"],
+                         "write": self.config["server.socket_timeout"], "body": self.config["server.socket_timeout"]}
         self.soonest = float("inf")  # no deadline is earlier; may be early (entries left), never late
         self.sleeping = self.broken = False
         self.polls, self.pool = 0, None
@@ -788,9 +842,12 @@ class _PollRole:
         self.timers[kind][conn], conn.kind = deadline, kind
         if deadline < self.soonest:
             self.soonest = deadline
+        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
         if not conn.registered:
-            self.sel.register(conn.sock, selectors.EVENT_READ, conn)
-            conn.registered = True
+            self.sel.register(conn.sock, events, conn)
+        elif conn.registered != events:
+            self.sel.modify(conn.sock, events, conn)
+        conn.registered = events
 
     def unwait(self, conn):
         if conn.kind is not None:
@@ -799,6 +856,10 @@ class _PollRole:
 
     def readable(self, conn, idle="head"):
         """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
+        if conn.kind == "write":
+            return self.flush(conn)
+        if conn.kind == "body":
+            return self._body(conn)
         if conn.lingering:
             return self.drop(conn) if conn.drained() else None
         if conn.handshaking and not self._handshake(conn):
@@ -821,8 +882,37 @@ class _PollRole:
             self.drop(conn)
         elif conn.late:
             self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
+        elif conn.head.content_length and not conn.head.expect_continue and (
+                len(conn.parser.buffer) < conn.head.content_length <= self.config["server.body_buffer_size"]):
+            # (with Expect: 100-continue the application decides whether the body is wanted, and
+            # the worker answers 100 when it starts reading: an unwanted body is never asked for)
+            conn.since = time.monotonic()
+            self._body(conn)
         else:
             self.pending.append(conn)  # this thread serves it once its poll round ends
+
+    def _body(self, conn):
+        """A body of up to server.body_buffer_size is read here, so a slow upload holds no worker;
+        min_body_rate applies after socket_timeout of grace, as in _Input."""
+        parser, length = conn.parser, conn.head.content_length
+        try:
+            while len(parser.buffer) < length:
+                data = conn.sock.recv(_RECV)
+                if not data:
+                    return self.drop(conn)
+                parser.buffer += data
+        except self.want:
+            pass
+        except OSError:
+            return self.drop(conn)
+        if len(parser.buffer) >= length:
+            self.unwait(conn)
+            return self.pending.append(conn)
+        now, rate = time.monotonic(), self.config["server.min_body_rate"]
+        if rate and len(parser.buffer) < (now - conn.since - self.config["server.socket_timeout"]) * rate:
+            self.unwait(conn)
+            return self.reject(conn, ProtocolError(408, "The request body arrived too slowly.\n"))
+        self.wait(conn, "body", now)
 
     def _pull(self, conn):
         """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
@@ -849,9 +939,11 @@ class _PollRole:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
             self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            conn.registered = selectors.EVENT_READ
             return False
         except ssl.SSLWantWriteError:
             self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            conn.registered = selectors.EVENT_WRITE
             return False
         except (ssl.SSLError, OSError) as exc:
             if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
@@ -859,6 +951,7 @@ class _PollRole:
             return self.drop(conn)
         conn.handshaking = False
         self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        conn.registered = selectors.EVENT_READ
         return True
 
     def reject(self, conn, err):
@@ -881,15 +974,34 @@ class _PollRole:
             except (KeyError, ValueError):  # a failure came between register and registered
                 pass
         self.conns.discard(conn)
+        conn.discard()
         try:
             conn.sock.close()
         except OSError:
             pass
 
+    def flush(self, conn):
+        """The socket of a connection with queued output drains: send more; once all went, go on."""
+        try:
+            progress = conn.flush()
+        except OSError:
+            return self.drop(conn)
+        if not conn.out:
+            conn.discard()  # its temporary file
+            self.rewait(conn)
+        elif progress:
+            self.wait(conn, "write")  # the deadline counts from the last progress
+
     def rewait(self, conn):
         """A served connection comes back: to wait for its next request, to linger, or to close."""
         try:
-            if conn.closing or (self.server._stopping and not conn.lingering):
+            if conn.out:
+                self.wait(conn, "write")  # what it queued goes first, then the rest of this
+            elif conn.ready:
+                conn.ready = False
+                self.unwait(conn)
+                self.pending.append(conn)  # a pipelined request read while its output was queued
+            elif conn.closing or (self.server._stopping and not conn.lingering):
                 self.drop(conn)  # idle between requests while stopping: closing is allowed
             elif conn.lingering:
                 self.linger(conn)
@@ -916,9 +1028,9 @@ class _PollRole:
                 expired.append(conn)
             for conn in expired:
                 try:
-                    if kind == "head" and conn.parser.buffered:
+                    if kind in ("head", "body") and conn.parser.buffer:
                         self.unwait(conn)
-                        self.reject(conn, ProtocolError(408, "Request head took too long.\n"))
+                        self.reject(conn, ProtocolError(408, "Request %s took too long.\n" % kind))
                     else:
                         self.drop(conn)
                 except Exception as exc:
@@ -949,10 +1061,11 @@ class _PollRole:
         if self.pending or self.busy():
             return False
         late = self.drain_until is not None and time.monotonic() >= self.drain_until
-        return late or not self.timers["head"]
+        return late or not (self.timers["head"] or self.timers["body"] or self.timers["write"])
 
     def close_all(self, selector: bool) -> None:
         for conn in list(self.conns):
+            conn.discard()
             try:
                 conn.sock.close()
             except OSError:
@@ -1097,15 +1210,17 @@ class _Pool:
                 except ProtocolError as err:
                     _Exchange(server, conn).fail(err.status, err.message)
                     break
-                if head is NEED_DATA:
-                    keep = True
+                if head is NEED_DATA or conn.out:
+                    keep, conn.ready = True, head is not NEED_DATA
+                    if conn.ready:
+                        conn.head = head
                     break
                 conn.head = head
             else:
                 self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
                 return False
         except _ClientGone:
-            pass
+            conn.discard()
         except Exception:  # a bug in minipub itself: never let a worker die
             _logger().exception("internal error serving %s", conn.addr)
         if keep is False:
@@ -1150,6 +1265,7 @@ class Server:
         self._ready = threading.Event()
         self._want = (BlockingIOError, InterruptedError)
         self._access = None
+        self._unsent, self._unsent_lock = 0, threading.Lock()  # bytes queued by all _Conn.queue()
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":

@@ -460,7 +460,8 @@ def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records
             return (b"x" * 65536 for _ in range(1000))
         return hello_app(environ, start_response)
     tls = tls if secure else None
-    server = serve(app, thread_pool=2, **(_tls_options(tls) if secure else {}))
+    # body_buffer_size below the upload's length: the body streams to the application, which is reading it
+    server = serve(app, thread_pool=2, body_buffer_size=1000, **(_tls_options(tls) if secure else {}))
     port, fds, started = server.port, _fd_count(), time.monotonic()
     for _ in range(2000):
         _rst(socket.create_connection(("127.0.0.1", port), timeout=5))
@@ -4584,7 +4585,8 @@ def test_hostile_resets_at_every_point_cost_nothing(error_records):
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return stream()
         return hello_app(environ, start_response)
-    server = minipub.Server(app, "127.0.0.1", 0, thread_pool=2).start()
+    # body_buffer_size below the uploads' length: their bodies stream to the application, which reads them
+    server = minipub.Server(app, "127.0.0.1", 0, thread_pool=2, body_buffer_size=1000).start()
     port, ok = server.port, h_get(b"/", b"Connection: close\r\n")
     try:
         for round_ in range(3):
