@@ -427,18 +427,17 @@ class _Timeout(Exception):
 # Contract: all socket I/O lives in this section, in three roles behind the
 # Server facade.  _PollRole owns the selector, the listening socket (through
 # its _Acceptor) and every connection that is *waiting*: for its TLS
-# handshake, for the rest of its request head, idle between keep-alive
-# requests, or lingering before close; it never blocks on a client, so slow
-# or silent clients cost a file descriptor, not a thread.  _Pool is the bounded set of worker threads: the
-# one holding the poll role polls, and connections whose head is complete go
-# to a queue which the same worker then serves (body, WSGI application,
-# response) before polling again: under the GIL a request that never changes
-# threads is the fastest.  Its watchdog ticks while there is traffic and wakes
-# another worker when the serving ones stop making progress (an application
-# waiting on something), so up to server.thread_pool requests run at once.
-# With nothing to do one worker sleeps in select() without a timeout and the
-# watchdog sleeps too: an idle server makes no periodic wake-ups.  _Conn is
-# one connection and the workers' I/O on it.  Whatever a client does (a reset
+# handshake, the rest of its head, a body up to server.body_buffer_size, its
+# next keep-alive request, a slow reader to take queued output, or a
+# lingering close; it never blocks on a client, so slow or silent clients
+# cost a file descriptor, not a thread.  _Pool is the bounded set of workers:
+# the one holding the poll role polls, then serves the connections it found
+# ready (WSGI application, response) before polling again: under the GIL a
+# request that never changes threads is the fastest.  Its watchdog wakes
+# another worker only when the serving ones stall (an application waiting on
+# something), so up to server.thread_pool requests run at once; an idle
+# server makes no periodic wake-ups.  _Conn is one connection, its unsent
+# output and the workers' I/O on it.  Whatever a client does (a reset
 # at any step, a half handshake, garbage) ends its own connection only; only
 # a failure of the listening socket stops the server, with one error line.
 # ===========================================================================
@@ -504,12 +503,12 @@ class _Conn:
     """
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "timeout", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
+                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
         self.tls = self.handshaking = server.ssl_context is not None
-        self.want, self.timeout = server._want, server.config["server.socket_timeout"]
+        self.want = server._want
         self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
         self.lingering = self.late = self.registered = self.closing = self.ready = False  # late: 503 (stopping)
         self.server, self.out, self.spill, self.since = server, deque(), None, 0.0  # out: see queue()
@@ -566,33 +565,32 @@ class _Conn:
 
     def flush(self) -> bool:
         """Send queued output until the socket would block; True if any went.  OSError: gone."""
-        progress, sock = False, self.sock
+        progress = False
         while self.out:
             item = self.out[0]
             try:
                 if type(item) is bytes:
-                    sent = sock.send(item)
+                    sent = self.sock.send(item)
                 elif self.tls:  # sendfile(2) cannot encrypt: a read and a send per step
-                    sent = sock.send(os.pread(item[0], min(item[2], _RECV), item[1]))
+                    sent = self.sock.send(os.pread(item[0], min(item[2], _RECV), item[1]))
                 else:
-                    sent = os.sendfile(sock.fileno(), item[0], item[1], min(item[2], 16 * _RECV))
+                    sent = os.sendfile(self.sock.fileno(), item[0], item[1], min(item[2], 16 * _RECV))
             except self.want:
                 return progress
             progress = True
             if type(item) is bytes:
                 self.release(sent)
                 self.out[0] = item = item[sent:]
-                if not item:
-                    self.out.popleft()
-                continue
-            if not sent:  # the file shrank: the client must see the body end early
-                sent, self.closing = item[2], True
-            self.release(sent if item[3] else 0)
-            item[1], item[2] = item[1] + sent, item[2] - sent
-            if item[2] <= 0:
+            elif not sent:  # the file shrank: the client must see the body end early
+                self.release(item[2] if item[3] else 0)
+                item[2], self.closing = 0, True
+            else:
+                self.release(sent if item[3] else 0)
+                item[1], item[2] = item[1] + sent, item[2] - sent
+            if not item or (type(item) is list and item[2] <= 0):
                 self.out.popleft()
-                if not item[3]:
-                    os.close(item[0])
+                if type(item) is list and not item[3]:
+                    os.close(item[0])  # our dup() of the application's file
         return progress
 
     def release(self, size: int) -> None:
@@ -744,15 +742,12 @@ class _Acceptor:
 class _PollRole:
     """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
 
-    Only the worker holding the pool's poll lock calls in, so it needs no locks of its own;
-    serving threads hand connections back through ``handback`` and the wake pipe.  A connection
-    is registered once and stays in the selector while it is served, which saves two epoll_ctl()
-    calls per request; should another thread's round see it readable meanwhile (a pipelined
-    request, a close) it leaves the selector until it is handed back.  Each waiting kind has an
-    insertion-ordered dict of deadlines (one timeout per kind, so the first entry is the soonest).
-    What one connection does never ends the poll role: an OSError (ssl.SSLError included: a
-    reset, a broken handshake) while accepting, wrapping, reading or closing it drops it at debug
-    level, any other exception is logged once with its traceback and drops it too.
+    Only the worker holding the pool's poll lock calls in; serving threads hand connections back
+    through ``handback`` and the wake pipe.  A connection stays in the selector while it is
+    served (no epoll_ctl() per request) unless another round sees it readable meanwhile.  Each
+    waiting kind has an insertion-ordered dict of deadlines: one timeout per kind, so the first
+    entry is the soonest.  An OSError on one connection (ssl.SSLError too) drops it at debug
+    level, any other exception is logged with its traceback and drops it too.
     """
 
     def __init__(self, server, sock):
@@ -795,7 +790,11 @@ class _PollRole:
             if conn is _ACCEPT:
                 self.listener.accept()
             elif conn is _WAKE:
-                self._woken()
+                try:
+                    while self.wake_r.recv(4096):
+                        pass
+                except self.want:
+                    pass  # drained (recv on the wake pipe never blocks)
             elif conn.kind is None:  # being served by another thread: out until handed back
                 conn.registered = False
                 self.sel.unregister(conn.sock)
@@ -818,13 +817,6 @@ class _PollRole:
             self.wake_w.send(b"\0")
         except OSError:
             pass  # the pipe is full: a wake-up is pending anyway
-
-    def _woken(self):
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except self.want:
-            pass  # drained (recv on the wake pipe never blocks)
 
     def failed(self, conn, exc) -> None:
         """Handling ``conn`` raised: drop that connection, keep serving everyone else."""
@@ -875,9 +867,7 @@ class _PollRole:
             elif conn.parser.buffer and conn.kind != "head":
                 self.wait(conn, "head")  # the head deadline starts at its first byte
             return
-        if conn.kind is not None:  # unwait(), inline
-            del self.timers[conn.kind][conn]
-            conn.kind = conn.deadline = None
+        self.unwait(conn)
         if outcome is None:
             self.drop(conn)
         elif conn.late:
@@ -1126,12 +1116,9 @@ class _Pool:
 
     # -- the watchdog ---------------------------------------------------------
     def watch(self) -> None:
-        """Tick while there is traffic; wake a parked worker when the serving ones stall.
-
-        Stalled means: no poll round and no request finished since the last tick, nobody in
-        select(), and the process used less than half the tick's CPU time (so the serving threads
-        wait on something, not compute), or no progress for _STALL ticks even so.  Counting CPU
-        time keeps a slow request that computes (a slow machine, valgrind) from changing threads."""
+        """Tick while there is traffic; wake a parked worker when the serving ones stall: no round and
+        no request done since the last tick, and under half its CPU time used (waiting, not computing:
+        a slow machine or valgrind changes no threads), or no progress for _STALL ticks."""
         poll, quiet, seen, stalled, cpu = self.poll, 0, None, 0, 0.0
         while not self.server._stopping:
             if quiet >= _QUIET:
@@ -1395,10 +1382,6 @@ class Server:
                               head.target if head else "", conn.addr[0] if conn.addr else "-")
         poll.close_all(selector=pool.poll_lock.acquire(timeout=1.0))  # a stuck round keeps its selector
 
-    # -- the I/O the WSGI bridge uses besides _Conn's recv and send ------------
-    def sendfile(self, conn, file, offset: int, count: int) -> int:
-        """``count`` bytes of ``file`` from ``offset``; returns how many were sent (fewer if it shrank)."""
-        return conn.sendfile(file, offset, count)
 
 
 def _answer_plain_http(fd: int) -> None:
@@ -1866,7 +1849,7 @@ def _content_length(head, lengths):
 # gets a 500), never silently stripped.  It frames the response
 # (Content-Length when known, else chunked on HTTP/1.1, else close) and sends
 # small responses in one write.  It reaches the socket only through _Conn's
-# recv/send and the Server's sendfile.
+# recv, send and sendfile.
 # ===========================================================================
 
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -2070,17 +2053,9 @@ class _NoBody:
     """wsgi.input of a request without a body: at its end, and stateless, so one serves every thread."""
 
     continue_sent = False
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    readline = read
-
-    def readlines(self, hint: int = -1) -> list:
-        return []
-
-    def __iter__(self):
-        return iter(())
+    read = readline = lambda self, size=-1: b""  # noqa: E731
+    readlines = lambda self, hint=-1: []  # noqa: E731
+    __iter__ = lambda self: iter(())  # noqa: E731
 
 
 _NO_BODY = _NoBody()
@@ -2156,13 +2131,12 @@ class _Exchange:
     def conn_environ(self) -> dict:
         """The keys that stay the same for every request on this connection, built at its first."""
         conn, server = self.conn, self.server
-        conn.env = {
-            "SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
-            "REMOTE_ADDR": conn.addr[0] if conn.addr else "", "REMOTE_PORT": str(conn.addr[1]) if conn.addr else "",
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
-            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
-            "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
-        }
+        addr = conn.addr or ("", "")
+        conn.env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
+                    "REMOTE_ADDR": addr[0], "REMOTE_PORT": str(addr[1]), "wsgi.version": (1, 0),
+                    "wsgi.url_scheme": "https" if conn.tls else "http", "wsgi.errors": sys.stderr,
+                    "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+                    "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
         return conn.env
 
     def start_response(self, status, headers, exc_info=None):
@@ -2205,7 +2179,7 @@ class _Exchange:
             self.send_head(b"")
             if not self.no_body and self.length:
                 offset = result.offset or result.filelike.tell()
-                self.sent = self.server.sendfile(self.conn, result.filelike, offset, self.length)
+                self.sent = self.conn.sendfile(result.filelike, offset, self.length)
                 if self.sent < self.length:  # it shrank meanwhile; write_end() closes the connection
                     _logger().warning("%s: the file ended after %d of %d bytes; connection closed",
                                       self.head.target, self.sent, self.length)

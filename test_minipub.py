@@ -360,6 +360,60 @@ def test_idle_server_sleeps_without_timeout(serve):
     assert sum(n.startswith("minipub-") for n in names) == 2
 
 
+BIG = b"".join(b"%07d\n" % i for i in range(1_000_000))  # 8 MB: beyond the socket buffers of a non-reader
+
+
+def _slow_clients_app(environ, start_response):
+    if environ["PATH_INFO"] == "/big":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return (BIG[i:i + 65536] for i in range(0, len(BIG), 65536))
+    return hello_app(environ, start_response)
+
+
+def _non_reader(port, path=b"/big"):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+def test_slow_uploads_and_non_reading_clients_hold_no_worker(serve):
+    """Issue 11: with two workers, 50 uploads stalled mid-body and 20 clients that do not read an
+    8 MB answer leave the server answering at once; a reader that speeds up gets every byte."""
+    server = serve(_slow_clients_app, thread_pool=2)
+    uploaders = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(50)]
+    for sock in uploaders:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+    readers = [_non_reader(server.port) for _ in range(20)]
+    poll = server._poll
+    assert wait_until(lambda: len(poll.timers["body"]) == 50 and len(poll.timers["write"]) == 20, timeout=20)
+    for _ in range(5):
+        started = time.monotonic()
+        got = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got.endswith(b"hello ") and time.monotonic() - started < 1.0
+    uploaders[0].sendall(b"c" * 998)  # the rest of one body: answered like any other
+    assert uploaders[0].recv(65536).endswith(b"hello ab" + b"c" * 998)
+    fast = readers.pop()
+    fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # pipelined behind it
+    got = responses(recv_until_close(fast, timeout=20)[0])
+    assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
+    for sock in uploaders + readers:
+        sock.close()
+    assert wait_until(lambda: not server._conns and server._unsent == 0, timeout=10)
+
+
+def test_a_non_reader_that_disconnects_frees_its_buffer_and_file_at_once(serve):
+    server = serve(_slow_clients_app, thread_pool=1)
+    sock = _non_reader(server.port)
+    assert wait_until(lambda: len(server._poll.timers["write"]) == 1, timeout=10)
+    conn = next(iter(server._poll.timers["write"]))
+    spill = conn.spill
+    assert spill is not None and server._unsent > 0  # in memory up to its bound, the rest on disk
+    sock.close()
+    assert wait_until(lambda: spill.closed and server._unsent == 0 and not server._conns, timeout=2)
+
+
 def test_blocking_handlers_run_concurrently_up_to_the_pool(serve):
     """A handler waiting on something does not hold up the others: the watchdog wakes more workers."""
     barrier = threading.Barrier(6, timeout=5)  # five requests and this test
@@ -2812,15 +2866,15 @@ def test_static_conditional_requests(serve, site):
             assert headers["content-length"] == str(os.path.getsize(site / "static/css/site.css"))
 
 
-def test_static_ranges_and_head(serve, site):
+def test_static_ranges_and_head(serve, site, monkeypatch):
     server = serve(static_app(site))
     calls = []
-    real_sendfile = server.sendfile
+    real_sendfile = minipub._Conn.sendfile
 
     def spy(conn, file, offset, count):
         calls.append((offset, count))
         return real_sendfile(conn, file, offset, count)
-    server.sendfile = spy
+    monkeypatch.setattr(minipub._Conn, "sendfile", spy)
     port, data = server.port, (site / "static/data.zzqq").read_bytes()
     status, headers, body = get(port, "/static/data.zzqq", headers=[("Range", "bytes=10-19")])
     assert (status, body, headers["content-range"]) == (206, data[10:20], "bytes 10-19/1024")
