@@ -494,13 +494,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class _Conn:
-    """A client connection, the parser that owns its buffered bytes, and the worker-side I/O on it.
+    """A client connection, the parser that owns its buffered bytes, its unsent output, and I/O on it.
 
-    Sockets stay non-blocking for their whole life: an operation is tried first and waited for
-    only when it would block, which saves the poll() that a socket timeout costs before every
-    call (and the ioctl() every settimeout() costs).  A non-blocking SSLSocket says "would block"
-    with SSLWantReadError / SSLWantWriteError, so TLS goes through the same loops.
-    """
+    Sockets stay non-blocking for their whole life (no poll() before each call, no settimeout()
+    ioctl()); a non-blocking SSLSocket says "would block" with SSLWantReadError / SSLWantWriteError,
+    so TLS goes through the same paths."""
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
                  "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
@@ -546,8 +544,7 @@ class _Conn:
             self.queue(memoryview(data)[sent:])
 
     def queue(self, data) -> None:
-        """Unsent output for the poll role (see flush): in memory up to _OUT_MEMORY per connection, then
-        in this connection's temporary file; beyond server.max_unsent_bytes in all, the client is dropped."""
+        """Output for the poll role's flush: in memory up to _OUT_MEMORY, then in a temporary file."""
         server, size = self.server, len(data)
         with server._unsent_lock:
             if server._unsent + size > server.config["server.max_unsent_bytes"]:
@@ -624,8 +621,8 @@ class _Conn:
         return False  # a fast sender: more next round, until the linger deadline
 
     def sendfile(self, file, offset: int, count: int) -> int:
-        """Queue ``count`` bytes of ``file`` from ``offset`` and send what goes at once (zero-copy on
-        plain sockets); returns the count queued: fewer when the file shrank (log rotation, a deploy)."""
+        """Queue ``count`` bytes of ``file`` from ``offset`` and send what goes at once; returns the
+        count queued: fewer when the file shrank (log rotation, a deploy)."""
         count = max(0, min(count, os.fstat(file.fileno()).st_size - offset))
         if count:
             self.out.append([os.dup(file.fileno()), offset, count, False])  # ours: the app closes its file
@@ -791,10 +788,9 @@ class _PollRole:
                 self.listener.accept()
             elif conn is _WAKE:
                 try:
-                    while self.wake_r.recv(4096):
-                        pass
+                    self.wake_r.recv(4096)  # a wake-up is sent only while we sleep: few bytes
                 except self.want:
-                    pass  # drained (recv on the wake pipe never blocks)
+                    pass
             elif conn.kind is None:  # being served by another thread: out until handed back
                 conn.registered = False
                 self.sel.unregister(conn.sock)
@@ -812,12 +808,6 @@ class _PollRole:
         if self.server._stopping and self._drained():
             self.pool.exit()
 
-    def wake(self) -> None:
-        try:
-            self.wake_w.send(b"\0")
-        except OSError:
-            pass  # the pipe is full: a wake-up is pending anyway
-
     def failed(self, conn, exc) -> None:
         """Handling ``conn`` raised: drop that connection, keep serving everyone else."""
         if isinstance(exc, OSError):
@@ -834,7 +824,9 @@ class _PollRole:
         self.timers[kind][conn], conn.kind = deadline, kind
         if deadline < self.soonest:
             self.soonest = deadline
-        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
+        self._watch(conn, selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ)
+
+    def _watch(self, conn, events):
         if not conn.registered:
             self.sel.register(conn.sock, events, conn)
         elif conn.registered != events:
@@ -882,8 +874,7 @@ class _PollRole:
             self.pending.append(conn)  # this thread serves it once its poll round ends
 
     def _body(self, conn):
-        """A body of up to server.body_buffer_size is read here, so a slow upload holds no worker;
-        min_body_rate applies after socket_timeout of grace, as in _Input."""
+        """A body up to server.body_buffer_size is read here: a slow upload holds no worker."""
         parser, length = conn.parser, conn.head.content_length
         try:
             while len(parser.buffer) < length:
@@ -895,13 +886,11 @@ class _PollRole:
             pass
         except OSError:
             return self.drop(conn)
-        if len(parser.buffer) >= length:
-            self.unwait(conn)
-            return self.pending.append(conn)
-        now, rate = time.monotonic(), self.config["server.min_body_rate"]
-        if rate and len(parser.buffer) < (now - conn.since - self.config["server.socket_timeout"]) * rate:
-            self.unwait(conn)
-            return self.reject(conn, ProtocolError(408, "The request body arrived too slowly.\n"))
+        now, rate, have = time.monotonic(), self.config["server.min_body_rate"], len(parser.buffer)
+        if have >= length or (rate and have < (now - conn.since - self.config["server.socket_timeout"]) * rate):
+            self.unwait(conn)  # all there; or min_body_rate, after socket_timeout of grace, is not kept
+            return self.pending.append(conn) if have >= length else self.reject(
+                conn, ProtocolError(408, "The request body arrived too slowly.\n"))
         self.wait(conn, "body", now)
 
     def _pull(self, conn):
@@ -928,20 +917,15 @@ class _PollRole:
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
-            self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
-            conn.registered = selectors.EVENT_READ
-            return False
+            return self._watch(conn, selectors.EVENT_READ)
         except ssl.SSLWantWriteError:
-            self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
-            conn.registered = selectors.EVENT_WRITE
-            return False
+            return self._watch(conn, selectors.EVENT_WRITE)
         except (ssl.SSLError, OSError) as exc:
             if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
                 _answer_plain_http(conn.sock.fileno())
             return self.drop(conn)
         conn.handshaking = False
-        self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
-        conn.registered = selectors.EVENT_READ
+        self._watch(conn, selectors.EVENT_READ)
         return True
 
     def reject(self, conn, err):
@@ -1132,15 +1116,11 @@ class _Pool:
             quiet = quiet + 1 if poll.sleeping and not self.pending else 0
             progress, used = (poll.polls, self.done), time.process_time()
             stalled = stalled + 1 if progress == seen and not poll.sleeping else 0
-            if stalled and (used - cpu < _TICK / 2 or stalled >= _STALL) and not self.wake_one():
-                self._poll_for_busy_workers()
+            if stalled and (used - cpu < _TICK / 2 or stalled >= _STALL) and not self.wake_one() \
+                    and self.poll_lock.acquire(blocking=False):  # every worker is in the application:
+                self.lead(cap=_TICK)  # keep accepting and reading heads here
+                self.wake_one()  # a worker that finished meanwhile parked: the poll role is its
             seen, cpu = progress, used
-
-    def _poll_for_busy_workers(self):
-        """Every worker is inside the application: keep accepting and reading heads."""
-        if self.poll_lock.acquire(blocking=False):
-            self.lead(cap=_TICK)
-            self.wake_one()  # a worker that finished meanwhile parked: the poll role is its
 
     def wake_one(self) -> bool:
         """Wake a parked worker, or start one while fewer than server.thread_pool exist."""
@@ -1212,7 +1192,7 @@ class _Pool:
             _logger().exception("internal error serving %s", conn.addr)
         if keep is False:
             # unread input: a plain close would send a reset
-            conn.lingering = bool(conn.parser.in_body or conn.parser.buffered or conn.parser.error)
+            conn.lingering = bool(parser.in_body or parser.buffer or parser.error)
             conn.closing = not conn.lingering
         return self._give_back(conn)
 
@@ -1225,7 +1205,7 @@ class _Pool:
             return True
         poll.handback.append(conn)
         if poll.sleeping:
-            poll.wake()
+            self.server._wake()
         return False
 
 
@@ -1368,7 +1348,7 @@ class Server:
         poll, pool, timeout = self._poll, self._pool, self.config["server.shutdown_timeout"]
         _logger().info("stopping: waiting up to %g s for %d requests", timeout, len(poll.busy()))
         deadline = time.monotonic() + timeout
-        poll.wake()
+        self._wake()
         while not (self._abandon or pool.exiting or time.monotonic() >= deadline):
             if pool.poll_lock.acquire(timeout=_STOP_ROUND):  # drive the drain if no worker does
                 pool.lead()
@@ -1857,12 +1837,12 @@ _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "
 _STATUS = _Lazy(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
 _NAME = _Lazy(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = _Lazy(r"[\t\x20-\x7e\x80-\xff]*")
+_FIELDS = {}  # (name, value) -> its Content-Length or None, for fields that passed _check_field
 _ENV_KEYS = {"Content-Type": "CONTENT_TYPE", "Content-Length": "CONTENT_LENGTH"}
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _date_cache = [0, ""]
 _reasons = {}
-_STATUSES = {}  # status lines start_response() accepted -> their code
 
 
 def http_date(when: float = None) -> str:
@@ -2148,13 +2128,9 @@ class _Exchange:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response() called twice without exc_info")
-        code = _STATUSES.get(status) if type(status) is str else None
-        if code is None:
-            if not isinstance(status, str) or not _STATUS.fullmatch(status):
-                raise ValueError("invalid status line %r" % (status,))
-            code = int(status[:3])
-            if len(_STATUSES) < 1000:  # bounded: an application may put anything in a reason
-                _STATUSES[status] = code
+        if not isinstance(status, str) or not _STATUS.fullmatch(status):
+            raise ValueError("invalid status line %r" % (status,))
+        code = int(status[:3])
         self.length = _check_headers(headers)
         self.status, self.headers = status, headers
         # RFC 9110 8.6: "A server MUST NOT send a Content-Length header field in
@@ -2244,18 +2220,14 @@ class _Exchange:
         self.conn.send(head.encode("latin-1") + self.frame(first))
 
     def unread_body_too_big(self) -> bool:
-        """True if the rest of the request body will not be drained but closed on."""
+        """True if the rest of the request body (the caller checked there is one) will not be drained."""
         parser = self.conn.parser
-        if not parser.in_body:
-            return False
         if self.head.expect_continue and not self.input.continue_sent:
             return True  # we never asked for that body
         return parser.body_left is not None and parser.body_left > _DRAIN
 
     def finish_body(self):
-        """Make the connection ready for the next request, or mark it to close."""
-        if not self.conn.parser.in_body:
-            return
+        """Make the connection ready for the next request (its body is unread), or mark it to close."""
         if self.head.expect_continue and not self.input.continue_sent:
             self.close = True  # we never asked for the body; don't wait for it
         elif not self.close and not self.input.drain(_DRAIN):
@@ -2292,12 +2264,8 @@ def _check_headers(headers) -> int:
             known = _FIELDS[item]  # a field checked before: what it says about the length
         except (KeyError, TypeError):  # TypeError: unhashable, so no tuple: refused below
             known = _check_field(item)
-        if known is not None:
-            length = known
+        length = length if known is None else known
     return length
-
-
-_FIELDS = {}  # (name, value) -> its Content-Length or None, for fields that passed _check_field
 
 
 def _check_field(item):
