@@ -414,6 +414,26 @@ def test_a_non_reader_that_disconnects_frees_its_buffer_and_file_at_once(serve):
     assert wait_until(lambda: spill.closed and server._unsent == 0 and not server._conns, timeout=2)
 
 
+def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path):
+    """wsgi.file_wrapper to a client that reads late: queued as (file, offset, length), no worker held."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(BIG)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] != "/big":
+            return hello_app(environ, start_response)
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(BIG)))])
+        return environ["wsgi.file_wrapper"](open(path, "rb"))
+    server = serve(app, thread_pool=1)
+    sock = _non_reader(server.port)
+    assert wait_until(lambda: len(server._poll.timers["write"]) == 1, timeout=10)
+    assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
+    assert server._unsent == 0  # a file costs a descriptor, not memory
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    got = responses(recv_until_close(sock, timeout=20)[0])
+    assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
+
+
 def test_blocking_handlers_run_concurrently_up_to_the_pool(serve):
     """A handler waiting on something does not hold up the others: the watchdog wakes more workers."""
     barrier = threading.Barrier(6, timeout=5)  # five requests and this test
