@@ -1003,7 +1003,7 @@ class _PollRole:
                 expired.append(conn)
             for conn in expired:
                 try:
-                    if kind in ("head", "body") and conn.parser.buffer:
+                    if kind == "body" or (kind == "head" and conn.parser.buffer):
                         self.unwait(conn)
                         self.reject(conn, ProtocolError(408, "Request %s took too long.\n" % kind))
                     else:

@@ -4608,6 +4608,13 @@ def test_hostile_slow_body_gets_408(serve, app):
     assert responses(exchange(server.port, fast + b"b" * 100000))[0][0] == 200
 
 
+def test_a_body_that_stops_arriving_gets_408_from_the_poll_role(serve):
+    server = serve(hello_app, socket_timeout=0.3, thread_pool=1)
+    started = time.monotonic()
+    raw = exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    assert _status(raw) == 408 and time.monotonic() - started < 2 and not server._pool.done
+
+
 def test_hostile_connection_cap_answers_503_at_once(serve):
     server = serve(hello_app, max_connections=3)
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
