@@ -822,10 +822,10 @@ class _PollRole:
         if conn.kind is not None:
             del self.timers[conn.kind][conn]
         conn.deadline = deadline = (now or time.monotonic()) + self.timeouts[kind]
-        self.timers[kind][conn], conn.kind = deadline, kind
-        if deadline < self.soonest:
-            self.soonest = deadline
-        self._watch(conn, selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ)
+        self.timers[kind][conn], conn.kind, self.soonest = deadline, kind, min(self.soonest, deadline)
+        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
+        if conn.registered != events:
+            self._watch(conn, events)
 
     def _watch(self, conn, events):
         if not conn.registered:
@@ -1517,10 +1517,6 @@ class RequestParser:
         self.buffer += data
 
     @property
-    def buffered(self) -> int:
-        return len(self.buffer)
-
-    @property
     def body_left(self):
         """Bytes of a Content-Length body not yet returned; None when chunked."""
         return self._remaining if self._state == self._fixed_body else None
@@ -1553,7 +1549,7 @@ class RequestParser:
             self._check_partial(buf, self._scanned)
             self._scanned = max(0, len(buf) - 3)
             return NEED_DATA
-        block = bytes(buf[:end])
+        block = buf[:end]  # a bytearray: parse_head needs no bytes copy of it
         del buf[:end + 4]
         self._scanned = 0
         head = parse_head(block, self)
