@@ -571,7 +571,7 @@ class _Conn:
                 elif self.tls:  # sendfile(2) cannot encrypt: a read and a send per step
                     sent = self.sock.send(os.pread(item[0], min(item[2], _RECV), item[1]))
                 else:
-                    sent = os.sendfile(self.sock.fileno(), item[0], item[1], min(item[2], 16 * _RECV))
+                    sent = os.sendfile(self.sock.fileno(), item[0], item[1], min(item[2], GiB))
             except self.want:
                 return progress
             progress = True
