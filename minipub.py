@@ -83,7 +83,7 @@ class _Lazy:
 
     def __getattr__(self, name):  # reached only until the first use binds the methods
         compiled = re.compile(self.pattern, self.flags)
-        for method in ("fullmatch", "match", "search", "sub", "split"):
+        for method in ("fullmatch", "match", "search", "sub", "split", "findall"):
             setattr(self, method, getattr(compiled, method))
         return getattr(compiled, name)
 
@@ -111,6 +111,10 @@ LIMITS = (
     ("server.max_request_header_size", 64 * KiB, "bytes", "larger header section: 431"),
     ("server.max_header_count", 100, "fields", "more header fields: 431"),
     ("server.max_request_body_size", 1 * GiB, "bytes", "larger body: 413; 0 means unlimited"),
+    ("server.body_buffer_size", 1 * MiB, "bytes",
+     "a request body up to this size is read by the poll role before a worker sees the request"),
+    ("server.max_unsent_bytes", 512 * MiB, "bytes",
+     "response bytes queued for slow readers, all connections together (memory, then temporary files)"),
     ("server.max_chunk_extension_size", 1 * KiB, "bytes",
      "chunk extensions are ignored, so they may not be used to send unbounded data: 400"),
     ("server.min_body_rate", 1024, "bytes/s", "after socket_timeout of grace a slower upload is cut with 408"),
@@ -434,31 +438,32 @@ class _Timeout(Exception):
 # Contract: all socket I/O lives in this section, in three roles behind the
 # Server facade.  _PollRole owns the selector, the listening socket (through
 # its _Acceptor) and every connection that is *waiting*: for its TLS
-# handshake, for the rest of its request head, idle between keep-alive
-# requests, or lingering before close; it never blocks on a client, so slow
-# or silent clients cost a file descriptor, not a thread.  _Pool is the bounded set of worker threads: the
-# one holding the poll role polls, and connections whose head is complete go
-# to a queue which the same worker then serves (body, WSGI application,
-# response) before polling again: under the GIL a request that never changes
-# threads is the fastest.  Its watchdog ticks while there is traffic and wakes
-# another worker when the serving ones stop making progress (an application
-# waiting on something), so up to server.thread_pool requests run at once.
-# With nothing to do one worker sleeps in select() without a timeout and the
-# watchdog sleeps too: an idle server makes no periodic wake-ups.  _Conn is
-# one connection and the workers' I/O on it.  Whatever a client does (a reset
+# handshake, the rest of its head, a body up to server.body_buffer_size, its
+# next keep-alive request, a slow reader to take queued output, or a
+# lingering close; it never blocks on a client, so slow or silent clients
+# cost a file descriptor, not a thread.  _Pool is the bounded set of workers:
+# the one holding the poll role polls, then serves the connections it found
+# ready (WSGI application, response) before polling again: under the GIL a
+# request that never changes threads is the fastest.  Its watchdog wakes
+# another worker only when the serving ones stall (an application waiting on
+# something), so up to server.thread_pool requests run at once; an idle
+# server makes no periodic wake-ups.  _Conn is one connection, its unsent
+# output and the workers' I/O on it.  Whatever a client does (a reset
 # at any step, a half handshake, garbage) ends its own connection only; only
 # a failure of the listening socket stops the server, with one error line.
 # ===========================================================================
 
-_ACCEPT, _WAKE, _QUEUED = object(), object(), object()
-_TICK = 0.002  # how often the watchdog checks that the serving threads make progress
-_QUIET = 100   # ticks without traffic before the watchdog sleeps until the next request
+_ACCEPT, _WAKE = object(), object()
+_TICK = 0.005  # how often the watchdog checks that the serving threads make progress
+_STALL = 10    # ticks a request may compute before another worker takes the poll role
+_QUIET = 40    # ticks without traffic before the watchdog sleeps until the next request
 _RECV = 256 * KiB
 # After answering with unread input (an error, or a body we did not want) the
 # socket is half-closed and read for this long before closing: closing at once
 # would send a reset, which can destroy the answer before the client reads it.
 _LINGER_CLOSE = 2.0
 _DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
+_OUT_MEMORY = 256 * KiB  # unsent output of one connection kept in memory; more goes to its temporary file
 _PAUSE = 0.25  # out of descriptors: accept is tried again after this long, or once a connection closed
 _FD_SPARE = 64  # descriptors kept beyond server.max_connections: listener, selector, the app's files
 _STOP_ROUND = 0.05  # while stopping, the poll role re-checks this often whether the drain is over
@@ -555,23 +560,22 @@ def _unix_socket(path: str, mode: int) -> socket.socket:
 
 
 class _Conn:
-    """A client connection, the parser that owns its buffered bytes, and the worker-side I/O on it.
+    """A client connection, the parser that owns its buffered bytes, its unsent output, and I/O on it.
 
-    Sockets stay non-blocking for their whole life: an operation is tried first and waited for
-    only when it would block, which saves the poll() that a socket timeout costs before every
-    call (and the ioctl() every settimeout() costs).  A non-blocking SSLSocket says "would block"
-    with SSLWantReadError / SSLWantWriteError, so TLS goes through the same loops.
-    """
+    Sockets stay non-blocking for their whole life (no poll() before each call, no settimeout()
+    ioctl()); a non-blocking SSLSocket says "would block" with SSLWantReadError / SSLWantWriteError,
+    so TLS goes through the same paths."""
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "timeout")
+                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
         self.tls = self.handshaking = server.ssl_context is not None
-        self.want, self.timeout = server._want, server.config["server.socket_timeout"]
-        self.head = self.deadline = None
-        self.lingering = self.late = False  # late: accepted after stop(), answered 503
+        self.want = server._want
+        self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
+        self.lingering = self.late = self.registered = self.closing = self.ready = False  # late: 503 (stopping)
+        self.server, self.out, self.spill, self.since = server, deque(), None, 0.0  # out: see queue()
 
     def recv(self, timeout: float) -> None:
         """Feed the parser more bytes within ``timeout`` seconds."""
@@ -593,17 +597,68 @@ class _Conn:
         self.parser.receive(data)
 
     def send(self, data) -> None:
-        """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
-        view = memoryview(data)
-        while view:
+        """Send ``data`` now as far as the socket takes it; queue() the rest: a worker never waits."""
+        if self.out:
+            return self.queue(data)  # behind what is queued already: order is kept
+        try:
+            sent = self.sock.send(data)
+        except self.want:
+            sent = 0
+        except OSError:
+            raise _ClientGone() from None
+        if sent < len(data):
+            self.queue(memoryview(data)[sent:])
+
+    def queue(self, data) -> None:
+        """Output for the poll role's flush: in memory up to _OUT_MEMORY, then in a temporary file."""
+        server, size = self.server, len(data)
+        with server._unsent_lock:
+            if server._unsent + size > server.config["server.max_unsent_bytes"]:
+                raise _ClientGone()
+            server._unsent += size
+        if self.spill is None and sum(len(item) for item in self.out if type(item) is bytes) + size > _OUT_MEMORY:
+            import tempfile
+            self.spill = tempfile.TemporaryFile()
+        if self.spill is None:
+            return self.out.append(bytes(data))
+        self.spill.seek(0, os.SEEK_END)
+        self.out.append([self.spill.fileno(), self.spill.tell(), size, True])  # True: counted in _unsent
+        self.spill.write(data)
+        self.spill.flush()
+
+    def flush(self) -> bool:
+        """Send queued output until the socket would block; True if any went.  OSError: gone."""
+        progress = False
+        while self.out:
+            item = self.out[0]
             try:
-                view = view[self.sock.send(view):]
-            except self.want as exc:
-                write = type(exc).__name__ != "SSLWantReadError"  # TLS must read before it can send
-                if not _wait_for(self.sock, write, self.timeout):
-                    raise _ClientGone() from None
-            except OSError:
-                raise _ClientGone() from None
+                if type(item) is bytes:
+                    sent = self.sock.send(item)
+                elif self.tls:  # sendfile(2) cannot encrypt: a read and a send per step
+                    sent = self.sock.send(os.pread(item[0], min(item[2], _RECV), item[1]))
+                else:
+                    sent = os.sendfile(self.sock.fileno(), item[0], item[1], min(item[2], GiB))
+            except self.want:
+                return progress
+            progress = True
+            if type(item) is bytes:
+                self.release(sent)
+                self.out[0] = item = item[sent:]
+            elif not sent:  # the file shrank: the client must see the body end early
+                self.release(item[2] if item[3] else 0)
+                item[2], self.closing = 0, True
+            else:
+                self.release(sent if item[3] else 0)
+                item[1], item[2] = item[1] + sent, item[2] - sent
+            if not item or (type(item) is list and item[2] <= 0):
+                self.out.popleft()
+                if type(item) is list and not item[3]:
+                    os.close(item[0])  # our dup() of the application's file
+        return progress
+
+    def release(self, size: int) -> None:
+        with self.server._unsent_lock:
+            self.server._unsent -= size
 
     def shut(self, answer: bytes = b"") -> bool:
         """Lingering close, first step: send ``answer`` if the socket takes it at once, then stop
@@ -632,25 +687,27 @@ class _Conn:
         return False  # a fast sender: more next round, until the linger deadline
 
     def sendfile(self, file, offset: int, count: int) -> int:
-        """Send ``count`` bytes of ``file`` from ``offset``; returns how many were sent: fewer when
-        the file shrank meanwhile (log rotation, a deploy).  Zero-copy on plain sockets."""
-        if self.tls:  # sendfile(2) cannot encrypt: blocks through send()'s loop
-            file.seek(offset)
-            sent = 0
-            while sent < count:
-                block = file.read(min(count - sent, _RECV))
-                if not block:
-                    break
-                self.send(block)
-                sent += len(block)
-            return sent
-        self.sock.settimeout(self.timeout)  # socket.sendfile() waits with the socket's timeout
-        try:
-            return self.sock.sendfile(file, offset, count)
-        except OSError:
-            raise _ClientGone() from None
-        finally:
-            self.sock.setblocking(False)
+        """Queue ``count`` bytes of ``file`` from ``offset`` and send what goes at once; returns the
+        count queued: fewer when the file shrank (log rotation, a deploy)."""
+        count = max(0, min(count, os.fstat(file.fileno()).st_size - offset))
+        if count:
+            self.out.append([os.dup(file.fileno()), offset, count, False])  # ours: the app closes its file
+            try:
+                self.flush()
+            except OSError:
+                raise _ClientGone() from None
+        return count
+
+    def discard(self) -> None:
+        """Free what is queued: the memory, the temporary file, the file descriptors we dup()ed."""
+        for item in self.out:
+            if type(item) is list and not item[3]:
+                os.close(item[0])
+        self.release(sum(len(i) if type(i) is bytes else i[2] if i[3] else 0 for i in self.out))
+        self.out.clear()
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
 
 class _Acceptor:
@@ -665,17 +722,18 @@ class _Acceptor:
     def __init__(self, poll, sock):
         self.poll, self.sock, self.server, self.config = poll, sock, poll.server, poll.config
         self.listening, self.paused = True, None  # paused: [retry at, failed accepts, since, open connections]
+        self.family = int(sock.family)
         poll.sel.register(sock, selectors.EVENT_READ, _ACCEPT)
 
     def accept(self) -> None:
         for _ in range(64):
-            try:
-                sock, addr = self.sock.accept()
+            try:  # socket.accept() without its enum conversions of family and type (a tenth of a request)
+                fd, addr = self.sock._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 return self._failed(exc)
-            conn = _Conn(sock, addr, self.server)
+            conn = _Conn(socket.socket(self.family, socket.SOCK_STREAM, 0, fd), addr, self.server)
             try:
                 self._adopt(conn)
             except Exception as exc:
@@ -749,19 +807,23 @@ class _Acceptor:
 class _PollRole:
     """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
 
-    Only the worker holding the pool's poll lock calls in, so it needs no locks of its own;
-    serving threads hand connections back through ``handback`` and the wake pipe.  What one
-    connection does never ends the poll role: an OSError (ssl.SSLError included: a reset, a
-    broken handshake) while accepting, wrapping, reading or closing it drops it at debug
-    level, any other exception is logged once with its traceback and drops it too.
+    Only the worker holding the pool's poll lock calls in; serving threads hand connections back
+    through ``handback`` and the wake pipe.  A connection stays in the selector while it is
+    served (no epoll_ctl() per request) unless another round sees it readable meanwhile.  Each
+    waiting kind has an insertion-ordered dict of deadlines: one timeout per kind, so the first
+    entry is the soonest.  An OSError on one connection (ssl.SSLError too) drops it at debug
+    level, any other exception is logged with its traceback and drops it too.
     """
 
     def __init__(self, server, sock):
         self.server, self.config = server, server.config
         self.ssl_context, self.want = server.ssl_context, server._want
-        self.conns, self.pending = server._conns, server._pending
-        self.waiting, self.handback = {}, deque()
-        self.timers = {"head": deque(), "keepalive": deque(), "linger": deque()}
+        self.conns, self.pending, self.handback = server._conns, server._pending, deque()
+        self.timers = {"head": {}, "keepalive": {}, "linger": {}, "write": {}, "body": {}}
+        self.timeouts = {"head": self.config["server.head_timeout"], "linger": _LINGER_CLOSE,
+                         "keepalive": self.config["server.keepalive_timeout"],
+                         "write": self.config["server.socket_timeout"], "body": self.config["server.socket_timeout"]}
+        self.soonest = float("inf")  # no deadline is earlier; may be early (entries left), never late
         self.sleeping = self.broken = False
         self.polls, self.pool = 0, None
         self.drain_until = None  # set by the first round after stop()
@@ -778,36 +840,41 @@ class _PollRole:
         if self.server._stopping:
             self._drain()
             cap = _STOP_ROUND if cap is None else min(cap, _STOP_ROUND)
+        # Serving threads write to the wake pipe only while we sleep (see
+        # _Pool._give_back); checking handback after announcing it closes the race.
+        self.sleeping = True
         timeout = 0 if self.handback else self.next_timeout()
         if cap is not None:
             timeout = cap if timeout is None else min(cap, timeout)
-        # Serving threads write to the wake pipe only while we sleep (see
-        # _Pool.give_back); checking handback after announcing it closes the race.
-        self.sleeping = True
         events = self.sel.select(timeout)
         self.sleeping = False
         if self.pool.watch_parked:
             self.pool.watch_event.set()  # traffic again: the watchdog resumes its ticks
         for key, _ in events:
-            if key.data is _ACCEPT:
+            conn = key.data
+            if conn is _ACCEPT:
                 self.listener.accept()
-            elif key.data is not _WAKE:
+            elif conn is _WAKE:
                 try:
-                    self.readable(key.data)
+                    self.wake_r.recv(4096)  # a wake-up is sent only while we sleep: few bytes
+                except self.want:
+                    pass
+            elif conn.kind is None:  # being served by another thread: out until handed back
+                conn.registered = False
+                self.sel.unregister(conn.sock)
+            else:
+                try:
+                    self.readable(conn)
                 except Exception as exc:
-                    self.failed(key.data, exc)
-        self._take_back()
-        self._expire()
+                    self.failed(conn, exc)
+        while self.handback:
+            self.rewait(self.handback.popleft())
+        if time.monotonic() >= self.soonest:
+            self._expire()
         if self.listener.paused is not None:
             self.listener.retry()
         if self.server._stopping and self._drained():
             self.pool.exit()
-
-    def wake(self) -> None:
-        try:
-            self.wake_w.send(b"\0")
-        except OSError:
-            pass  # the pipe is full: a wake-up is pending anyway
 
     def failed(self, conn, exc) -> None:
         """Handling ``conn`` raised: drop that connection, keep serving everyone else."""
@@ -818,21 +885,33 @@ class _PollRole:
         self.drop(conn)
 
     # -- waiting connections --------------------------------------------------
-    def wait(self, conn, kind):
-        timeout = _LINGER_CLOSE if kind == "linger" else self.config["server.%s_timeout" % kind]
-        conn.deadline = time.monotonic() + timeout
-        self.timers[kind].append((conn.deadline, conn))
-        if conn not in self.waiting:
-            self.sel.register(conn.sock, selectors.EVENT_READ, conn)
-        self.waiting[conn] = kind
+    def wait(self, conn, kind, now: float = None):
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+        conn.deadline = deadline = (now or time.monotonic()) + self.timeouts[kind]
+        self.timers[kind][conn], conn.kind, self.soonest = deadline, kind, min(self.soonest, deadline)
+        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
+        if conn.registered != events:
+            self._watch(conn, events)
+
+    def _watch(self, conn, events):
+        if not conn.registered:
+            self.sel.register(conn.sock, events, conn)
+        elif conn.registered != events:
+            self.sel.modify(conn.sock, events, conn)
+        conn.registered = events
 
     def unwait(self, conn):
-        del self.waiting[conn]
-        conn.deadline = None
-        self.sel.unregister(conn.sock)
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+            conn.kind = conn.deadline = None
 
     def readable(self, conn, idle="head"):
         """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
+        if conn.kind == "write":
+            return self.flush(conn)
+        if conn.kind == "body":
+            return self._body(conn)
         if conn.lingering:
             return self.drop(conn) if conn.drained() else None
         if conn.handshaking and not self._handshake(conn):
@@ -840,23 +919,47 @@ class _PollRole:
         try:
             outcome = self._pull(conn)
         except ProtocolError as err:
-            if conn in self.waiting:
-                self.unwait(conn)
+            self.unwait(conn)
             return self.reject(conn, err)
         if outcome is NEED_DATA:
-            if conn not in self.waiting:
-                self.wait(conn, "head" if conn.parser.buffered else idle)
-            elif conn.parser.buffered and self.waiting[conn] != "head":
+            if conn.kind is None:
+                self.wait(conn, "head" if conn.parser.buffer else idle)
+            elif conn.parser.buffer and conn.kind != "head":
                 self.wait(conn, "head")  # the head deadline starts at its first byte
             return
-        if conn in self.waiting:
-            self.unwait(conn)
+        self.unwait(conn)
         if outcome is None:
-            self.close(conn)
+            self.drop(conn)
         elif conn.late:
             self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
+        elif conn.head.content_length and not conn.head.expect_continue and (
+                len(conn.parser.buffer) < conn.head.content_length <= self.config["server.body_buffer_size"]):
+            # (with Expect: 100-continue the application decides whether the body is wanted, and
+            # the worker answers 100 when it starts reading: an unwanted body is never asked for)
+            conn.since = time.monotonic()
+            self._body(conn)
         else:
             self.pending.append(conn)  # this thread serves it once its poll round ends
+
+    def _body(self, conn):
+        """A body up to server.body_buffer_size is read here: a slow upload holds no worker."""
+        parser, length = conn.parser, conn.head.content_length
+        try:
+            while len(parser.buffer) < length:
+                data = conn.sock.recv(_RECV)
+                if not data:
+                    return self.drop(conn)
+                parser.buffer += data
+        except self.want:
+            pass
+        except OSError:
+            return self.drop(conn)
+        now, rate, have = time.monotonic(), self.config["server.min_body_rate"], len(parser.buffer)
+        if have >= length or (rate and have < (now - conn.since - self.config["server.socket_timeout"]) * rate):
+            self.unwait(conn)  # all there; or min_body_rate, after socket_timeout of grace, is not kept
+            return self.pending.append(conn) if have >= length else self.reject(
+                conn, ProtocolError(408, "The request body arrived too slowly.\n"))
+        self.wait(conn, "body", now)
 
     def _pull(self, conn):
         """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
@@ -869,7 +972,7 @@ class _PollRole:
                 return None
             if not data:
                 return None
-            conn.parser.receive(data)
+            conn.parser.buffer += data  # receive(), without the call
             head = conn.parser.next_event()
             if head is not NEED_DATA:
                 conn.head = head
@@ -882,17 +985,15 @@ class _PollRole:
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
-            self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
-            return False
+            return self._watch(conn, selectors.EVENT_READ)
         except ssl.SSLWantWriteError:
-            self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
-            return False
+            return self._watch(conn, selectors.EVENT_WRITE)
         except (ssl.SSLError, OSError) as exc:
             if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
                 _answer_plain_http(conn.sock.fileno())
             return self.drop(conn)
         conn.handshaking = False
-        self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        self._watch(conn, selectors.EVENT_READ)
         return True
 
     def reject(self, conn, err):
@@ -903,76 +1004,81 @@ class _PollRole:
         if conn.shut(answer):
             self.wait(conn, "linger")
         else:
-            self.close(conn)
+            self.drop(conn)
 
     def drop(self, conn):
-        if self.waiting.pop(conn, None) is not None:
+        """Close ``conn`` and forget it (the selector first: a closed descriptor is reused at once)."""
+        self.unwait(conn)
+        if conn.registered:
+            conn.registered = False
             try:
                 self.sel.unregister(conn.sock)
-            except (KeyError, ValueError):  # a failure came between register and waiting[conn]
+            except (KeyError, ValueError):  # a failure came between register and registered
                 pass
-        self.close(conn)
-
-    def close(self, conn):
         self.conns.discard(conn)
-        conn.deadline = None  # its timers are stale now
+        conn.discard()
         try:
             conn.sock.close()
         except OSError:
             pass
 
-    def _take_back(self):
+    def flush(self, conn):
+        """The socket of a connection with queued output drains: send more; once all went, go on."""
         try:
-            while self.wake_r.recv(4096):
-                pass
-        except self.want:
-            pass  # drained (recv on the wake pipe never blocks)
-        while self.handback:
-            conn = self.handback.popleft()
-            try:
-                self.rewait(conn)
-            except Exception as exc:
-                self.failed(conn, exc)
+            progress = conn.flush()
+        except OSError:
+            return self.drop(conn)
+        if not conn.out:
+            conn.discard()  # its temporary file
+            self.rewait(conn)
+        elif progress:
+            self.wait(conn, "write")  # the deadline counts from the last progress
 
     def rewait(self, conn):
-        """A served keep-alive connection waits for its next request."""
-        if conn.lingering:
-            self.linger(conn)
-        elif self.server._stopping:
-            self.close(conn)  # idle between requests: closing is allowed
-        elif conn.tls and conn.sock.pending():
-            self.readable(conn, "keepalive")  # decrypted bytes select() cannot see
-        else:
-            self.wait(conn, "head" if conn.parser.buffered else "keepalive")
+        """A served connection comes back: to wait for its next request, to linger, or to close."""
+        try:
+            if conn.out:
+                self.wait(conn, "write")  # what it queued goes first, then the rest of this
+            elif conn.ready:
+                conn.ready = False
+                self.unwait(conn)
+                self.pending.append(conn)  # a pipelined request read while its output was queued
+            elif conn.closing or (self.server._stopping and not conn.lingering):
+                self.drop(conn)  # idle between requests while stopping: closing is allowed
+            elif conn.lingering:
+                self.linger(conn)
+            elif conn.tls and conn.sock.pending():
+                self.readable(conn, "keepalive")  # decrypted bytes select() cannot see
+            else:
+                self.wait(conn, "head" if conn.parser.buffer else "keepalive")
+        except Exception as exc:
+            self.failed(conn, exc)
 
     # -- deadlines ------------------------------------------------------------
     def next_timeout(self):
         paused = self.listener.paused
-        soonest = None if paused is None else paused[0]
-        for timers in self.timers.values():
-            while timers and timers[0][1].deadline != timers[0][0]:
-                timers.popleft()  # stale: that connection moved on
-            if timers and (soonest is None or timers[0][0] < soonest):
-                soonest = timers[0][0]
-        return None if soonest is None else max(0.0, soonest - time.monotonic())
+        soonest = self.soonest if paused is None else min(self.soonest, paused[0])
+        return None if soonest == float("inf") else max(0.0, soonest - time.monotonic())
 
     def _expire(self):
         now = time.monotonic()
         for kind, timers in self.timers.items():
-            while timers and (timers[0][1].deadline != timers[0][0] or timers[0][0] <= now):
-                deadline, conn = timers.popleft()
-                if conn.deadline != deadline:
-                    continue
+            expired = []
+            for conn, deadline in timers.items():
+                if deadline > now:
+                    break
+                expired.append(conn)
+            for conn in expired:
                 try:
-                    self.unwait(conn)
-                    if kind == "head" and conn.parser.buffered:
-                        self.reject(conn, ProtocolError(408, "Request head took too long.\n"))
+                    if kind == "body" or (kind == "head" and conn.parser.buffer):
+                        self.unwait(conn)
+                        self.reject(conn, ProtocolError(408, "Request %s took too long.\n" % kind))
                     else:
-                        self.close(conn)
+                        self.drop(conn)
                 except Exception as exc:
                     self.failed(conn, exc)
-            if len(timers) > 2 * len(self.waiting) + 64:  # drop stale entries, keep order
-                self.timers[kind] = deque(t for t in timers if t[1].deadline == t[0])
+        self.soonest = min([next(iter(timers.values())) for timers in self.timers.values() if timers],
+                           default=float("inf"))
 
     # -- stopping -------------------------------------------------------------
     def _drain(self):
@@ -985,24 +1091,28 @@ class _PollRole:
             self.drain_until = now + min(1.0, self.config["server.head_timeout"])
             if _CHILD is not None:
                 self.listener.stop()
-        late = now >= self.drain_until
-        for conn in [c for c, kind in self.waiting.items() if kind == "keepalive" or (late and kind == "head")]:
+        for conn in list(self.timers["keepalive"]) + (list(self.timers["head"]) if now >= self.drain_until else []):
             self.drop(conn)
 
     def busy(self) -> list:
         """The connections a worker is serving or about to serve."""
-        return [conn for conn in list(self.conns) if conn not in self.waiting]
+        return [conn for conn in list(self.conns) if conn.kind is None]
 
     def _drained(self) -> bool:
         """Nothing left to serve (lingering closes do not hold up the stop)."""
         if self.pending or self.busy():
             return False
         late = self.drain_until is not None and time.monotonic() >= self.drain_until
-        return late or "head" not in self.waiting.values()
+        return late or not (self.timers["head"] or self.timers["body"] or self.timers["write"])
 
     def close_all(self, selector: bool) -> None:
         for conn in list(self.conns):
-            self.close(conn)
+            conn.discard()
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        self.conns.clear()
         if selector:
             self.sel.close()
         for sock in (self.listener.sock, self.wake_r, self.wake_w):
@@ -1058,8 +1168,10 @@ class _Pool:
 
     # -- the watchdog ---------------------------------------------------------
     def watch(self) -> None:
-        """Tick while there is traffic; wake a parked worker when the serving ones stall."""
-        poll, quiet, seen = self.poll, 0, None
+        """Tick while there is traffic; wake a parked worker when the serving ones stall: no round and
+        no request done since the last tick, and under half its CPU time used (waiting, not computing:
+        a slow machine or valgrind changes no threads), or no progress for _STALL ticks."""
+        poll, quiet, seen, stalled, cpu = self.poll, 0, None, 0, 0.0
         while not self.server._stopping:
             if quiet >= _QUIET:
                 self.watch_event.clear()
@@ -1070,15 +1182,13 @@ class _Pool:
             else:
                 time.sleep(_TICK)
             quiet = quiet + 1 if poll.sleeping and not self.pending else 0
-            if (poll.polls, self.done) == seen and not poll.sleeping and not self.wake_one():
-                self._poll_for_busy_workers()
-            seen = (poll.polls, self.done)
-
-    def _poll_for_busy_workers(self):
-        """Every worker is inside the application: keep accepting and reading heads."""
-        if self.poll_lock.acquire(blocking=False):
-            self.lead(cap=_TICK)
-            self.wake_one()  # a worker that finished meanwhile parked: the poll role is its
+            progress, used = (poll.polls, self.done), time.process_time()
+            stalled = stalled + 1 if progress == seen and not poll.sleeping else 0
+            if stalled and (used - cpu < _TICK / 2 or stalled >= _STALL) and not self.wake_one() \
+                    and self.poll_lock.acquire(blocking=False):  # every worker is in the application:
+                self.lead(cap=_TICK)  # keep accepting and reading heads here
+                self.wake_one()  # a worker that finished meanwhile parked: the poll role is its
+            seen, cpu = progress, used
 
     def wake_one(self) -> bool:
         """Wake a parked worker, or start one while fewer than server.thread_pool exist."""
@@ -1093,22 +1203,24 @@ class _Pool:
 
     # -- workers --------------------------------------------------------------
     def _run(self, gate):
+        pending, poll_lock = self.pending, self.poll_lock
         while True:
-            try:
-                conn = self.pending.popleft()
-            except IndexError:
-                conn = None
-            if conn is not None:
-                self._serve_conn(conn)
+            if pending:
+                try:
+                    conn = pending.popleft()
+                except IndexError:  # another worker took it first
+                    continue
+                if not self._serve_conn(conn):
+                    continue
             elif self.exiting:
                 return
-            elif self.poll_lock.acquire(blocking=False):
-                if self.exiting:
-                    self.poll_lock.release()
-                else:
-                    self.lead()
-            else:
+            elif not poll_lock.acquire(blocking=False):
                 self._park(gate)
+                continue
+            if self.exiting or pending:  # holding poll_lock here
+                poll_lock.release()
+            else:
+                self.lead()
 
     def _park(self, gate):
         with self.lock:
@@ -1117,54 +1229,52 @@ class _Pool:
             self.idle.append(gate)
         gate.acquire()
 
-    def _serve_conn(self, conn):
+    def _serve_conn(self, conn) -> bool:
+        """Answer requests on ``conn``, then hand it back; True if this thread now holds poll_lock."""
+        server, parser, keep = self.server, conn.parser, False
         try:
-            keep = self._serve(conn)
+            for _ in range(self.config["server.max_pipelined_requests"]):
+                more = _Exchange(server, conn).run()
+                self.done += 1
+                if not more or server._stopping:
+                    break
+                try:
+                    head = parser.next_event()
+                    if head is END_OF_MESSAGE:  # of a request without a body
+                        head = parser.next_event() if parser.buffer else NEED_DATA
+                except ProtocolError as err:
+                    _Exchange(server, conn).fail(err.status, err.message)
+                    break
+                if head is NEED_DATA or conn.out:
+                    keep, conn.ready = True, head is not NEED_DATA
+                    if conn.ready:
+                        conn.head = head
+                    break
+                conn.head = head
+            else:
+                self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
+                return False
         except _ClientGone:
-            keep = False
+            conn.discard()
         except Exception:  # a bug in minipub itself: never let a worker die
             _logger().exception("internal error serving %s", conn.addr)
-            keep = False
-        if keep is False and (conn.parser.in_body or conn.parser.buffered or conn.parser.error):
-            conn.lingering, keep = True, True  # unread input: a plain close would send a reset
-        if keep is True:
-            self._give_back(conn)
-        elif keep is False:
-            self.poll.close(conn)
+        if keep is False:
+            # unread input: a plain close would send a reset
+            conn.lingering = bool(parser.in_body or parser.buffer or parser.error)
+            conn.closing = not conn.lingering
+        return self._give_back(conn)
 
-    def _give_back(self, conn):
-        """A keep-alive connection returns to the poll role, directly if it is free."""
+    def _give_back(self, conn) -> bool:
+        """A served connection returns to the poll role (to wait, linger or close), directly if it
+        is free: True then, and this thread holds poll_lock (its next round takes no second lock)."""
         poll = self.poll
         if self.poll_lock.acquire(blocking=False):
-            try:
-                poll.rewait(conn)
-            except Exception as exc:
-                poll.failed(conn, exc)
-            finally:
-                self.poll_lock.release()
-        else:
-            poll.handback.append(conn)
-            if poll.sleeping:
-                poll.wake()
-
-    def _serve(self, conn) -> bool:
-        """Answer requests on ``conn``; True hands it back to the poll role."""
-        server = self.server
-        for _ in range(self.config["server.max_pipelined_requests"]):
-            keep = _Exchange(server, conn).run()
-            self.done += 1
-            if not keep or server._stopping:
-                return False
-            try:
-                head = conn.parser.next_event()
-            except ProtocolError as err:
-                _Exchange(server, conn).fail(err.status, err.message)
-                return False
-            if head is NEED_DATA:
-                return True
-            conn.head = head
-        self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
-        return _QUEUED
+            poll.rewait(conn)
+            return True
+        poll.handback.append(conn)
+        if poll.sleeping:
+            self.server._wake()
+        return False
 
 
 class Server:
@@ -1190,6 +1300,8 @@ class Server:
         self._ready = threading.Event()
         self._want = (BlockingIOError, InterruptedError)
         self._access = None
+        self._unsent, self._unsent_lock = 0, threading.Lock()  # bytes queued by all _Conn.queue()
+        self._env = None  # the environ keys of every request, built at the first
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":
@@ -1307,7 +1419,7 @@ class Server:
         poll, pool, timeout = self._poll, self._pool, self.config["server.shutdown_timeout"]
         _logger().info("stopping: waiting up to %g s for %d requests", timeout, len(poll.busy()))
         deadline = time.monotonic() + timeout
-        poll.wake()
+        self._wake()
         while not (self._abandon or pool.exiting or time.monotonic() >= deadline):
             if pool.poll_lock.acquire(timeout=_STOP_ROUND):  # drive the drain if no worker does
                 pool.lead()
@@ -1321,18 +1433,6 @@ class Server:
                               head.target if head else "", conn.addr[0] if conn.addr else "-")
         poll.close_all(selector=pool.poll_lock.acquire(timeout=1.0))  # a stuck round keeps its selector
 
-    # -- the I/O the WSGI bridge uses -----------------------------------------
-    def recv(self, conn, timeout: float) -> None:
-        """Feed the parser more bytes of ``conn`` within ``timeout`` seconds."""
-        conn.recv(timeout)
-
-    def send(self, conn, data) -> None:
-        """All of ``data``, or _ClientGone when the peer stops reading for socket_timeout."""
-        conn.send(data)
-
-    def sendfile(self, conn, file, offset: int, count: int) -> int:
-        """``count`` bytes of ``file`` from ``offset``; returns how many were sent (fewer if it shrank)."""
-        return conn.sendfile(file, offset, count)
 
 
 def _answer_plain_http(fd: int) -> None:
@@ -1435,7 +1535,7 @@ NEED_DATA, END_OF_MESSAGE, _AGAIN = _Event("NEED_DATA"), _Event("END_OF_MESSAGE"
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN = _Lazy(rb"[%s]+" % _TCHAR)
 # request-line = method SP request-target SP HTTP-version ; exactly one SP each
-_REQUEST_LINE = _Lazy(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
+_REQUEST_LINE = _Lazy(r"([%s]+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])" % _TCHAR.decode())
 # field-value = *field-content ; field-vchar = VCHAR / obs-text, SP and HTAB inside
 _BAD_VALUE = _Lazy(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = _Lazy(rb"[0-9]{1,18}")          # Content-Length = 1*DIGIT, bounded
@@ -1449,19 +1549,20 @@ _CHUNK_LINE = _Lazy(rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:
 # Host = uri-host [ ":" port ] ; uri-host = IP-literal / IPv4address / reg-name
 _HOST = _Lazy(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
 _ABSOLUTE = _Lazy(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
+# The fields of a head in one findall(): CRLF field-name ":" OWS field-value, field-name = token
+# minus "_" (see _field).  Values are checked for CTLs by _CTLS, for the whole head at once.
+_FIELD_LINE = _Lazy(r"\r\n([%s]+):[\t ]*([^\r]*)" % _TCHAR.decode().replace("_", ""))
+_CTLS = bytes(c for c in range(32) if c not in b"\t\r\n") + b"\x7f"
 
 
 class RequestHead:
     """The request line and header fields, with the framing they imply."""
 
-    __slots__ = ("method", "target", "version", "headers", "path", "query", "host",
-                 "scheme", "content_length", "chunked", "keep_alive", "expect_continue")
+    query, host, scheme, content_length, chunked, expect_continue = "", None, None, None, False, False
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
-        self.path, self.query, self.host, self.scheme = target, "", None, None
-        self.content_length, self.chunked = None, False
-        self.keep_alive, self.expect_continue = version == "HTTP/1.1", False
+        self.path, self.keep_alive = target, version == "HTTP/1.1"
 
     def __repr__(self):
         return "<RequestHead %s %s %s>" % (self.method, self.target, self.version)
@@ -1479,23 +1580,15 @@ class RequestParser:
         self.max_ext = config["server.max_chunk_extension_size"]
         self.buffer, self.error, self._state = bytearray(), None, self._head
         self._scanned = self._remaining = self._total = 0
+        self.in_body = False  # True while the current request's body is not all returned
 
     def receive(self, data: bytes) -> None:
         self.buffer += data
 
     @property
-    def buffered(self) -> int:
-        return len(self.buffer)
-
-    @property
     def body_left(self):
         """Bytes of a Content-Length body not yet returned; None when chunked."""
         return self._remaining if self._state == self._fixed_body else None
-
-    @property
-    def in_body(self) -> bool:
-        """True between a RequestHead and its END_OF_MESSAGE."""
-        return self._state != self._head
 
     def next_event(self, max_bytes: int = _RECV):
         if self.error is not None:
@@ -1512,10 +1605,12 @@ class RequestParser:
     # -- the head ----------------------------------------------------------
     def _head(self, max_bytes):
         buf = self.buffer
+        if not buf:
+            return NEED_DATA
         # RFC 9112 2.2: "a server that is expecting to receive and parse a
         # request-line SHOULD ignore at least one empty line (CRLF) received
         # prior to the request-line."
-        while buf[:2] == b"\r\n":
+        while buf.startswith(b"\r\n"):
             del buf[:2]
             self._scanned = 0
         end = buf.find(b"\r\n\r\n", self._scanned)
@@ -1523,11 +1618,14 @@ class RequestParser:
             self._check_partial(buf, self._scanned)
             self._scanned = max(0, len(buf) - 3)
             return NEED_DATA
-        block = bytes(buf[:end])
+        block = buf[:end]  # a bytearray: parse_head needs no bytes copy of it
         del buf[:end + 4]
         self._scanned = 0
         head = parse_head(block, self)
-        self._start_body(head)
+        if head.chunked or head.content_length:
+            self._start_body(head)
+        else:
+            self._state = self._end
         return head
 
     def _check_partial(self, buf, start):
@@ -1548,17 +1646,16 @@ class RequestParser:
         self._total = 0
         if head.chunked:
             self._state = self._chunk_size
-        elif head.content_length:
+        else:
             if self.max_body and head.content_length > self.max_body:
                 raise ProtocolError(413, "Request body too large.")
             self._remaining = head.content_length
             self._state = self._fixed_body
-        else:
-            self._state = self._end
+        self.in_body = True
 
     # -- bodies ------------------------------------------------------------
     def _end(self, max_bytes):
-        self._state = self._head
+        self._state, self.in_body = self._head, False
         return END_OF_MESSAGE
 
     def _take(self, max_bytes, then):
@@ -1623,8 +1720,7 @@ class RequestParser:
             line = bytes(buf[:end])
             del buf[:end + 2]
             if not line:
-                self._state = self._head
-                return END_OF_MESSAGE
+                return self._end(max_bytes)
             self._remaining += len(line) + 2  # counts trailer bytes from here on
             if self._remaining > self.max_header:
                 raise ProtocolError(431, "Trailer section too large.")
@@ -1652,33 +1748,56 @@ def _field(line: bytes):
 
 def parse_head(block: bytes, parser: RequestParser) -> RequestHead:
     """Parse a request head (without its final CRLF CRLF) under ``parser``'s limits."""
-    line, _, fields = block.partition(b"\r\n")
-    if len(line) > parser.max_line:
+    first = block.find(b"\r\n")
+    if (len(block) if first < 0 else first) > parser.max_line:
         raise ProtocolError(414, "Request line too long.")
-    if len(fields) > parser.max_header:
+    if first >= 0 and len(block) - first - 2 > parser.max_header:
         raise ProtocolError(431, "Request header fields too large.")
-    if block.count(b"\n") != block.count(b"\r\n") or block.count(b"\r") != block.count(b"\n"):
-        # RFC 9112 2.2: "A sender MUST NOT generate a bare CR ... a recipient
-        # of such a bare CR MUST consider that element to be invalid".
-        raise ProtocolError(400, "Bare CR or LF in the request head.")
-    head = _request_line(line)
-    lines = fields.split(b"\r\n") if fields else ()
-    if len(lines) > parser.max_fields:
-        raise ProtocolError(431, "Too many header fields.")
-    head.headers = [_field(field) for field in lines]
+    # One pass each, in C: no CTL, every CR in a CRLF and every LF too; else the lines say why.
+    crs = block.count(b"\r")
+    if len(block.translate(None, _CTLS)) != len(block) or block.count(b"\n") != crs or block.count(b"\r\n") != crs:
+        _refuse_head(block, parser)
+    text = block.decode("latin-1")
+    head = _request_line(text if first < 0 else text[:first])
+    if first >= 0:
+        if crs > parser.max_fields:
+            raise ProtocolError(431, "Too many header fields.")
+        head.headers = _FIELD_LINE.findall(text, first)
+        if len(head.headers) != crs:
+            _refuse_head(block, parser)  # a line without a valid name: say which rule it breaks
+        if b" \r" in block or b"\t\r" in block or block[-1] in b" \t":  # trailing OWS, rare
+            head.headers = [(name, value.rstrip(" \t")) for name, value in head.headers]
     _semantics(head)
     return head
 
 
-def _request_line(line: bytes) -> RequestHead:
+def _refuse_head(block: bytes, parser: RequestParser):
+    """A head parse_head refused, checked line by line to say why (always raises)."""
+    line, _, fields = block.partition(b"\r\n")
+    if block.count(b"\n") != block.count(b"\r\n") or block.count(b"\r") != block.count(b"\n"):
+        # RFC 9112 2.2: "A sender MUST NOT generate a bare CR ... a recipient
+        # of such a bare CR MUST consider that element to be invalid".
+        raise ProtocolError(400, "Bare CR or LF in the request head.")
+    head = _request_line(line.decode("latin-1"))
+    lines = fields.split(b"\r\n") if fields else ()
+    if len(lines) > parser.max_fields:
+        raise ProtocolError(431, "Too many header fields.")
+    head.headers = [_field(field) for field in lines]
+    raise ProtocolError(400, "Malformed request head.")  # not reached: parse_head and the lines agree
+
+
+def _request_line(line: str) -> RequestHead:
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
         raise ProtocolError(400, "Malformed request line.")
-    method, target, major, minor = match.groups()
-    if (major, minor) not in ((b"1", b"1"), (b"1", b"0")):
+    method, target, version = match.groups()
+    if version != "HTTP/1.1" and version != "HTTP/1.0":
         raise ProtocolError(505, "HTTP version not supported.")
-    head = RequestHead(method.decode("ascii"), target.decode("ascii"), "HTTP/1." + minor.decode("ascii"), [])
-    _target(head)
+    head = RequestHead(method, target, version, [])
+    if target[0] == "/" and "#" not in target:  # origin-form, the usual
+        head.path, _, head.query = target.partition("?")
+    else:
+        _target(head)
     return head
 
 
@@ -1722,24 +1841,21 @@ def _semantics(head):
             if value.lower() != "100-continue":
                 raise ProtocolError(417, "Only 'Expect: 100-continue' is supported.")
             head.expect_continue = head.version == "HTTP/1.1"
-    _host(head, hosts)
-    if codings is not None:  # present, even if it lists no coding at all
-        _transfer_coding(head, codings, lengths)
-    elif lengths:
-        _content_length(head, lengths)
-
-
-def _host(head, hosts):
     # RFC 9112 3.2: "A server MUST respond with a 400 (Bad Request) status code
     # to any HTTP/1.1 request message that lacks a Host header field and to any
     # request message that contains more than one Host header field line or a
     # Host header field with an invalid field value."
-    if len(hosts) > 1 or (not hosts and head.version == "HTTP/1.1"):
+    if len(hosts) == 1:
+        if not _HOST.fullmatch(hosts[0]):
+            raise ProtocolError(400, "Invalid Host header.")
+        if head.host is None:
+            head.host = hosts[0]
+    elif hosts or head.version == "HTTP/1.1":
         raise ProtocolError(400, "Exactly one Host header is required.")
-    if hosts and not _HOST.fullmatch(hosts[0]):
-        raise ProtocolError(400, "Invalid Host header.")
-    if head.host is None and hosts:
-        head.host = hosts[0]
+    if codings is not None:  # present, even if it lists no coding at all
+        _transfer_coding(head, codings, lengths)
+    elif lengths:
+        _content_length(head, lengths)
 
 
 def _transfer_coding(head, codings, lengths):
@@ -1779,8 +1895,8 @@ def _content_length(head, lengths):
 # CR, LF or NUL, or a hop-by-hop field, raises in start_response (the client
 # gets a 500), never silently stripped.  It frames the response
 # (Content-Length when known, else chunked on HTTP/1.1, else close) and sends
-# small responses in one write.  It reaches the socket only through the
-# Server's recv/send/sendfile methods.
+# small responses in one write.  It reaches the socket only through _Conn's
+# recv, send and sendfile.
 # ===========================================================================
 
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -1788,6 +1904,7 @@ _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "
 _STATUS = _Lazy(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
 _NAME = _Lazy(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = _Lazy(r"[\t\x20-\x7e\x80-\xff]*")
+_FIELDS = {}  # (name, value) -> its Content-Length or None, for fields that passed _check_field
 _ENV_KEYS = {"Content-Type": "CONTENT_TYPE", "Content-Length": "CONTENT_LENGTH"}
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -1902,7 +2019,7 @@ class _Input:
             return b""
         if ex.head.expect_continue and not self.continue_sent and not ex.headers_sent:
             self.continue_sent = True
-            ex.server.send(ex.conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+            ex.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             event = parser.next_event(max_bytes)
             if event is END_OF_MESSAGE:
@@ -1910,7 +2027,7 @@ class _Input:
             if event is not NEED_DATA:
                 self.received += len(event)
                 return event
-            ex.server.recv(ex.conn, self._timeout())
+            ex.conn.recv(self._timeout())
 
     def _timeout(self) -> float:
         """Per-receive wait: socket_timeout, shortened to keep min_body_rate."""
@@ -1979,25 +2096,51 @@ class _Input:
         return self._next(1) == b"" and not self.ex.conn.parser.in_body
 
 
+class _NoBody:
+    """wsgi.input of a request without a body: at its end, and stateless, so one serves every thread."""
+
+    continue_sent = False
+    read = readline = lambda self, size=-1: b""  # noqa: E731
+    readlines = lambda self, hint=-1: []  # noqa: E731
+    __iter__ = lambda self: iter(())  # noqa: E731
+
+
+_NO_BODY = _NoBody()
+
+
 class _Exchange:
     """One request and its response on a connection."""
 
+    status = headers = length = None
+    headers_sent = chunked = bodiless = add_length = False  # add_length: we add Content-Length
+    sent = 0
+
     def __init__(self, server, conn):
         self.server, self.conn, self.head = server, conn, conn.head
-        self.status = self.headers = self.length = None
-        self.headers_sent = self.chunked = self.bodiless = False
-        self.no_body = self.head.method == "HEAD"
-        self.sent, self.close = 0, not self.head.keep_alive
-        self.input = _Input(self)
+        self.no_body, self.close = self.head.method == "HEAD", not self.head.keep_alive
+        self.input = _Input(self) if conn.parser.in_body else _NO_BODY
 
     def run(self) -> bool:
         """Serve the request; True if the connection may carry another."""
         environ = self.environ()
         try:
-            self.respond(environ)
+            try:
+                result = self.server.app(environ, self.start_response)
+                try:
+                    self.send_result(result)
+                finally:
+                    if hasattr(result, "close"):
+                        result.close()
+            except (_ClientGone, _Timeout, ProtocolError):
+                raise
+            except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
+                # own stop is a flag, never an exception, so this one request fails, not the worker
+                _logger().exception("Error answering %s %s", self.head.method, self.head.target)
+                self.fail(500, None)
             if self.conn.parser.error is not None:
                 return False  # the app swallowed a framing error: never read on
-            self.finish_body()
+            if self.conn.parser.in_body:
+                self.finish_body()
         except _ClientGone:
             return False
         except _Timeout:
@@ -2008,52 +2151,42 @@ class _Exchange:
             self.log(environ)
         return not self.close
 
-    def respond(self, environ):
-        try:
-            result = self.server.app(environ, self.start_response)
-            try:
-                self.send_result(result)
-            finally:
-                if hasattr(result, "close"):
-                    result.close()
-        except (_ClientGone, _Timeout, ProtocolError):
-            raise
-        except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
-            # own stop is a flag, never an exception, so this one request fails, not the worker
-            _logger().exception("Error answering %s %s", self.head.method, self.head.target)
-            self.fail(500, None)
-
     def fail(self, status: int, message: str):
         """Answer with an error if nothing was sent yet; close either way."""
         self.close = True
         if not self.headers_sent:
             self.headers_sent = True
             self.status = status_line(status)
-            self.server.send(self.conn, _simple_response(status, message))
+            self.conn.send(_simple_response(status, message))
 
     def environ(self) -> dict:
-        head, conn, server = self.head, self.conn, self.server
-        env = {
-            "REQUEST_METHOD": head.method, "SCRIPT_NAME": "",
-            "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
-            "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
-            "REQUEST_URI": head.target, "RAW_URI": head.target,
-            "REMOTE_ADDR": conn.addr[0] if conn.addr else "", "REMOTE_PORT": str(conn.addr[1]) if conn.addr else "",
-            "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
-            "wsgi.input": self.input, "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-            "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
-        }
+        head, conn = self.head, self.conn
+        env = {**(conn.env or self.conn_environ()), "REQUEST_METHOD": head.method,
+               "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
+               "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
+               "REQUEST_URI": head.target, "RAW_URI": head.target, "wsgi.input": self.input}
         for name, value in head.headers:
             key = _ENV_KEYS.get(name) or _env_key(name)
             if key in env:
                 env[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
             else:
                 env[key] = value
-        if head.host is not None:
+        if head.scheme is not None:
             env["HTTP_HOST"] = head.host  # absolute-form authority wins over Host
         return env
+
+    def conn_environ(self) -> dict:
+        """The keys that stay the same for every request on this connection, built at its first."""
+        conn, server = self.conn, self.server
+        if server._env is None:
+            server._env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
+                           "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
+                           "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+                           "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
+                           "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
+        addr = conn.addr or ("", "")
+        conn.env = {**server._env, "REMOTE_ADDR": addr[0], "REMOTE_PORT": str(addr[1])}
+        return conn.env
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -2066,9 +2199,9 @@ class _Exchange:
             raise AssertionError("start_response() called twice without exc_info")
         if not isinstance(status, str) or not _STATUS.fullmatch(status):
             raise ValueError("invalid status line %r" % (status,))
+        code = int(status[:3])
         self.length = _check_headers(headers)
         self.status, self.headers = status, headers
-        code = int(status[:3])
         # RFC 9110 8.6: "A server MUST NOT send a Content-Length header field in
         # any response with a status code of 1xx (Informational) or 204 (No
         # Content)."  A 304 has no content either: none gets framing added.
@@ -2077,17 +2210,21 @@ class _Exchange:
         return self.write
 
     def send_result(self, result):
-        if isinstance(result, (list, tuple)) and all(type(b) is bytes for b in result):
-            body = result[0] if len(result) == 1 else b"".join(result)
+        if type(result) is list and len(result) == 1 and type(result[0]) is bytes:
+            body = result[0]  # the usual answer of a framework
+        elif isinstance(result, (list, tuple)) and all(type(b) is bytes for b in result):
+            body = b"".join(result)
+        else:
+            body = None
+        if body is not None:
             if not self.headers_sent and self.length is None and not self.bodiless:
-                self.length = len(body)
-                self.headers = self.headers + [("Content-Length", str(self.length))]
+                self.length, self.add_length = len(body), True
             self.write(body)
         elif isinstance(result, FileWrapper) and self.length is not None and not self.headers_sent:
             self.send_head(b"")
             if not self.no_body and self.length:
                 offset = result.offset or result.filelike.tell()
-                self.sent = self.server.sendfile(self.conn, result.filelike, offset, self.length)
+                self.sent = self.conn.sendfile(result.filelike, offset, self.length)
                 if self.sent < self.length:  # it shrank meanwhile; write_end() closes the connection
                     _logger().warning("%s: the file ended after %d of %d bytes; connection closed",
                                       self.head.target, self.sent, self.length)
@@ -2103,7 +2240,7 @@ class _Exchange:
             if data or self.length == 0:
                 self.send_head(data)
         elif data:
-            self.server.send(self.conn, self.frame(data))
+            self.conn.send(self.frame(data))
 
     def frame(self, data: bytes) -> bytes:
         if self.no_body:
@@ -2119,49 +2256,47 @@ class _Exchange:
     def write_end(self):
         if not self.headers_sent:
             if self.length is None and not self.bodiless:
-                self.length = 0
-                self.headers = self.headers + [("Content-Length", "0")]
+                self.length, self.add_length = 0, True
             self.send_head(b"")
         elif self.chunked:
-            self.server.send(self.conn, b"0\r\n\r\n")
+            self.conn.send(b"0\r\n\r\n")
         if self.length is not None and self.sent < self.length and not self.no_body:
             self.close = True  # the body is shorter than announced: the client must notice
 
     def send_head(self, first: bytes):
         if self.status is None:
             raise AssertionError("write() before start_response()")
-        lines = ["HTTP/1.1 ", self.status, "\r\n"]
-        for name, value in self.headers:
-            lines += (name, ": ", value, "\r\n")
-        if self.length is None and not self.no_body:
+        extra = ""
+        if self.add_length:
+            extra = "Content-Length: %d\r\n" % self.length
+        elif self.length is None and not self.no_body:
             if self.head.version == "HTTP/1.1":
-                self.chunked = True
-                lines.append("Transfer-Encoding: chunked\r\n")
+                self.chunked, extra = True, "Transfer-Encoding: chunked\r\n"
             else:
                 self.close = True  # HTTP/1.0 without a length: the close ends the body
-        if self.server._stopping or self.conn.parser.error is not None or self.unread_body_too_big():
+        parser = self.conn.parser
+        if self.server._stopping or parser.error is not None or (parser.in_body and self.unread_body_too_big()):
             self.close = True  # stopping, after a framing error, or a body we will not drain
         if self.close:
-            lines.append("Connection: close\r\n")
+            extra += "Connection: close\r\n"
         elif self.head.version == "HTTP/1.0":
-            lines.append("Connection: keep-alive\r\n")
-        lines += ("Date: ", _now_date(), "\r\n\r\n")
+            extra += "Connection: keep-alive\r\n"
+        fields = "\r\n".join(map(": ".join, self.headers))  # names and values checked already
+        now = int(time.time())
+        head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
+                                                          _date_cache[1] if _date_cache[0] == now else _now_date())
         self.headers_sent = True
-        self.server.send(self.conn, "".join(lines).encode("latin-1") + self.frame(first))
+        self.conn.send(head.encode("latin-1") + self.frame(first))
 
     def unread_body_too_big(self) -> bool:
-        """True if the rest of the request body will not be drained but closed on."""
+        """True if the rest of the request body (the caller checked there is one) will not be drained."""
         parser = self.conn.parser
-        if not parser.in_body:
-            return False
         if self.head.expect_continue and not self.input.continue_sent:
             return True  # we never asked for that body
         return parser.body_left is not None and parser.body_left > _DRAIN
 
     def finish_body(self):
-        """Make the connection ready for the next request, or mark it to close."""
-        if not self.conn.parser.in_body:
-            return
+        """Make the connection ready for the next request (its body is unread), or mark it to close."""
         if self.head.expect_continue and not self.input.continue_sent:
             self.close = True  # we never asked for the body; don't wait for it
         elif not self.close and not self.input.drain(_DRAIN):
@@ -2197,20 +2332,34 @@ def _check_headers(headers) -> int:
         raise TypeError("response headers must be a list of (name, value) tuples")
     length = None
     for item in headers:
-        if type(item) is not tuple or len(item) != 2:
-            raise TypeError("response header %r is not a (name, value) tuple" % (item,))
-        name, value = item
-        if type(name) is not str or not _NAME.fullmatch(name):
-            raise ValueError("invalid response header name %r" % (name,))
-        if type(value) is not str or not _VALUE.fullmatch(value):
-            raise ValueError("invalid value for response header %s: %r" % (name, value))
-        lname = name.lower()
-        if lname in _HOP_BY_HOP:
-            raise ValueError("hop-by-hop header %r is the server's business" % (name,))
-        if lname == "content-length":
-            if not value.isdigit() or not value.isascii():
-                raise ValueError("invalid Content-Length %r" % (value,))
-            length = int(value)
+        try:
+            known = _FIELDS[item]  # a field checked before: what it says about the length
+        except (KeyError, TypeError):  # TypeError: unhashable, so no tuple: refused below
+            known = _check_field(item)
+        length = length if known is None else known
+    return length
+
+
+def _check_field(item):
+    """One response field, checked; returns its Content-Length or None (remembered: bounded)."""
+    if type(item) is not tuple or len(item) != 2:
+        raise TypeError("response header %r is not a (name, value) tuple" % (item,))
+    name, value = item
+    if type(name) is not str or not _NAME.fullmatch(name):
+        raise ValueError("invalid response header name %r" % (name,))
+    if type(value) is not str or not _VALUE.fullmatch(value):
+        raise ValueError("invalid value for response header %s: %r" % (name, value))
+    lname, length = name.lower(), None
+    if lname in _HOP_BY_HOP:
+        raise ValueError("hop-by-hop header %r is the server's business" % (name,))
+    if lname == "content-length":
+        if not value.isdigit() or not value.isascii():
+            raise ValueError("invalid Content-Length %r" % (value,))
+        length = int(value)
+    if lname != "set-cookie":  # a session id has no business in a process-wide table
+        if len(_FIELDS) >= 1000:
+            _FIELDS.clear()
+        _FIELDS[item] = length
     return length
 
 

@@ -356,8 +356,8 @@ def test_framing_error_in_body_closes_even_if_app_catches_it(serve):
 
 def test_small_response_is_one_write(serve, monkeypatch):
     writes = []
-    original = minipub.Server.send
-    monkeypatch.setattr(minipub.Server, "send", lambda self, conn, data: (writes.append(data), original(self, conn, data)))
+    original = minipub._Conn.send
+    monkeypatch.setattr(minipub._Conn, "send", lambda conn, data: (writes.append(data), original(conn, data)))
     server = serve(hello_app)
     exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\nhello ")
@@ -369,6 +369,80 @@ def test_idle_server_sleeps_without_timeout(serve):
     names = {t.name for t in threading.enumerate()}
     assert names >= {"minipub-watch", "minipub-0"}  # one worker until load needs more
     assert sum(n.startswith("minipub-") for n in names) == 2
+
+
+BIG = b"".join(b"%07d\n" % i for i in range(1_000_000))  # 8 MB: beyond the socket buffers of a non-reader
+
+
+def _slow_clients_app(environ, start_response):
+    if environ["PATH_INFO"] == "/big":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return (BIG[i:i + 65536] for i in range(0, len(BIG), 65536))
+    return hello_app(environ, start_response)
+
+
+def _non_reader(port, path=b"/big"):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+def test_slow_uploads_and_non_reading_clients_hold_no_worker(serve):
+    """Issue 11: with two workers, 50 uploads stalled mid-body and 20 clients that do not read an
+    8 MB answer leave the server answering at once; a reader that speeds up gets every byte."""
+    server = serve(_slow_clients_app, thread_pool=2)
+    uploaders = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(50)]
+    for sock in uploaders:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+    readers = [_non_reader(server.port) for _ in range(20)]
+    poll = server._poll
+    assert wait_until(lambda: len(poll.timers["body"]) == 50 and len(poll.timers["write"]) == 20, timeout=20)
+    for _ in range(5):
+        started = time.monotonic()
+        got = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got.endswith(b"hello ") and time.monotonic() - started < 1.0
+    uploaders[0].sendall(b"c" * 998)  # the rest of one body: answered like any other
+    assert uploaders[0].recv(65536).endswith(b"hello ab" + b"c" * 998)
+    fast = readers.pop()
+    fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # pipelined behind it
+    got = responses(recv_until_close(fast, timeout=20)[0])
+    assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
+    for sock in uploaders + readers:
+        sock.close()
+    assert wait_until(lambda: not server._conns and server._unsent == 0, timeout=10)
+
+
+def test_a_non_reader_that_disconnects_frees_its_buffer_and_file_at_once(serve):
+    server = serve(_slow_clients_app, thread_pool=1)
+    sock = _non_reader(server.port)
+    assert wait_until(lambda: len(server._poll.timers["write"]) == 1, timeout=10)
+    conn = next(iter(server._poll.timers["write"]))
+    spill = conn.spill
+    assert spill is not None and server._unsent > 0  # in memory up to its bound, the rest on disk
+    sock.close()
+    assert wait_until(lambda: spill.closed and server._unsent == 0 and not server._conns, timeout=2)
+
+
+def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path):
+    """wsgi.file_wrapper to a client that reads late: queued as (file, offset, length), no worker held."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(BIG)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] != "/big":
+            return hello_app(environ, start_response)
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(BIG)))])
+        return environ["wsgi.file_wrapper"](open(path, "rb"))
+    server = serve(app, thread_pool=1)
+    sock = _non_reader(server.port)
+    assert wait_until(lambda: len(server._poll.timers["write"]) == 1, timeout=10)
+    assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
+    assert server._unsent == 0  # a file costs a descriptor, not memory
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    got = responses(recv_until_close(sock, timeout=20)[0])
+    assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
 
 
 def test_blocking_handlers_run_concurrently_up_to_the_pool(serve):
@@ -471,7 +545,8 @@ def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records
             return (b"x" * 65536 for _ in range(1000))
         return hello_app(environ, start_response)
     tls = tls if secure else None
-    server = serve(app, thread_pool=2, **(_tls_options(tls) if secure else {}))
+    # body_buffer_size below the upload's length: the body streams to the application, which is reading it
+    server = serve(app, thread_pool=2, body_buffer_size=1000, **(_tls_options(tls) if secure else {}))
     port, fds, started = server.port, _fd_count(), time.monotonic()
     for _ in range(2000):
         _rst(socket.create_connection(("127.0.0.1", port), timeout=5))
@@ -2939,15 +3014,15 @@ def test_static_conditional_requests(serve, site):
             assert headers["content-length"] == str(os.path.getsize(site / "static/css/site.css"))
 
 
-def test_static_ranges_and_head(serve, site):
+def test_static_ranges_and_head(serve, site, monkeypatch):
     server = serve(static_app(site))
     calls = []
-    real_sendfile = server.sendfile
+    real_sendfile = minipub._Conn.sendfile
 
     def spy(conn, file, offset, count):
         calls.append((offset, count))
         return real_sendfile(conn, file, offset, count)
-    server.sendfile = spy
+    monkeypatch.setattr(minipub._Conn, "sendfile", spy)
     port, data = server.port, (site / "static/data.zzqq").read_bytes()
     status, headers, body = get(port, "/static/data.zzqq", headers=[("Range", "bytes=10-19")])
     assert (status, body, headers["content-range"]) == (206, data[10:20], "bytes 10-19/1024")
@@ -3740,7 +3815,7 @@ def test_session_lock_released_when_the_handler_raises_or_the_client_goes(serve)
     assert b.get("/?fail=1")[0] == 500
     assert store.held == {}  # checked first: a lock left held would make the next request wait for ever
     assert b.get("/") == (200, "2")  # the crashed request saved nothing
-    port = serve(app).port
+    port = serve(app, body_buffer_size=1000).port  # a larger body streams to the handler (issue 11)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nCookie: session_id=%s\r\nContent-Length: 100000\r\n"
                      b"\r\npartial" % b.jar["session_id"].encode())
@@ -5680,6 +5755,13 @@ def test_hostile_slow_body_gets_408(serve, app):
     assert responses(exchange(server.port, fast + b"b" * 100000))[0][0] == 200
 
 
+def test_a_body_that_stops_arriving_gets_408_from_the_poll_role(serve):
+    server = serve(hello_app, socket_timeout=0.3, thread_pool=1)
+    started = time.monotonic()
+    raw = exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    assert _status(raw) == 408 and time.monotonic() - started < 2 and not server._pool.done
+
+
 def test_hostile_connection_cap_answers_503_at_once(serve):
     server = serve(hello_app, max_connections=3)
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
@@ -5731,7 +5813,8 @@ def test_hostile_resets_at_every_point_cost_nothing(error_records):
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return stream()
         return hello_app(environ, start_response)
-    server = minipub.Server(app, "127.0.0.1", 0, thread_pool=2).start()
+    # body_buffer_size below the uploads' length: their bodies stream to the application, which reads them
+    server = minipub.Server(app, "127.0.0.1", 0, thread_pool=2, body_buffer_size=1000).start()
     port, ok = server.port, h_get(b"/", b"Connection: close\r\n")
     try:
         for round_ in range(3):

@@ -1,6 +1,6 @@
 """Hostile clients and load: minipub side by side with waitress and cheroot.
 
-usage: python3 bench/hostile.py [--duration 60] [--only minipub,waitress,cheroot] [--tls]
+usage: python3 bench/hostile.py [--duration 60] [--only minipub,waitress,cheroot] [--scenarios a,b] [--tls]
 
 Scenarios, each bounded in time and count, all on 127.0.0.1:
   wrk      wrk -t2 -c50 for --duration s after a 5 s warm-up: errors, req/s, RSS growth
@@ -13,6 +13,10 @@ Scenarios, each bounded in time and count, all on 127.0.0.1:
   pipeline 20 connections each sending 500 pipelined requests at once: all answered, in order
   silent   500 connections that send nothing at all (with --tls: a handshake that never starts);
            fresh-client latency meanwhile
+  slowbody 50 clients POSTing Content-Length: 1000000 at one byte a second: fresh-request latency
+           p50/p99 (40 probes over 10 s), the server's RSS and threads meanwhile
+  slowread 20 clients GETting a 12.8 MB streamed answer that never read (64 KiB receive buffer):
+           the same figures
   plain    (--tls) 200 plain-HTTP requests to the TLS port: answered (400) or closed, no harm
   versions (--tls) a handshake with each of TLS 1.0, 1.1, 1.2 and 1.3: which are accepted
 At the end the server must still answer ("alive").  --tls serves HTTPS with a self-signed
@@ -48,6 +52,9 @@ TLS = None  # with --tls: the client's SSLContext (no verification: the certific
 
 
 def app(environ, start_response):
+    if environ["PATH_INFO"] == "/huge":  # 12.8 MB of unknown length: chunked, or close-delimited
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return (BIG for _ in range(200))
     if environ["PATH_INFO"] == "/big":
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(64 * len(BIG)))])
@@ -395,6 +402,43 @@ def run_midstream(proc, count):
     return {"resets": 2 * count, "client_errors": failed, "then_served": probe(proc.port) is not None}
 
 
+def run_slow(proc, kind, count, probes=40, spacing=0.25):
+    """``count`` slow clients (kind "body": uploads at 1 byte/s; "read": downloads never read) while
+    a fresh client probes every ``spacing`` s: latency p50/p99, server RSS and threads meanwhile."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(10)
+        try:
+            sock.connect((HOST, proc.port))
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: bench\r\nContent-Length: 1000000\r\n\r\nx" if kind == "body"
+                         else b"GET /huge HTTP/1.1\r\nHost: bench\r\n\r\n")
+        except OSError:
+            pass
+        socks.append(sock)
+    latencies, rss, threads, last_byte = [], 0.0, 0, time.monotonic()
+    deadline = time.monotonic() + probes * spacing + 5.0  # a server that stalls gets fewer probes
+    while len(latencies) < probes and time.monotonic() < deadline:
+        if kind == "body" and time.monotonic() - last_byte >= 1.0:
+            for sock in socks:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass
+            last_byte = time.monotonic()
+        latencies.append(probe(proc.port, timeout=5.0))
+        rss, threads = max(rss, proc.rss_mb()), max(threads, proc.stat("Threads"))
+        time.sleep(spacing)
+    for sock in socks:
+        sock.close()
+    done = sorted(x for x in latencies if x is not None)
+    pct = lambda q: "%.3f s" % done[min(len(done) - 1, int(q * len(done)))] if done else "n/a"  # noqa: E731
+    return {"fresh_p50": pct(0.5), "fresh_p99": pct(0.99),
+            "failed": "%d/%d" % (len(latencies) - len(done), len(latencies)),
+            "rss_mb": round(rss, 1), "threads": threads}
+
+
 def run_pipeline(proc, conns, depth):
     """``conns`` connections each send ``depth`` requests in one write, then read every answer."""
     answered = []
@@ -492,6 +536,7 @@ def main():
     parser.add_argument("--head-timeout", type=float, default=10.0, help="minipub head deadline")
     parser.add_argument("--only", default="minipub,waitress,cheroot")
     parser.add_argument("--tls", action="store_true", help="serve HTTPS (self-signed) and add TLS scenarios")
+    parser.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -513,7 +558,11 @@ def main():
         ("midstream", lambda proc: run_midstream(proc, 100)),
         ("pipeline", lambda proc: run_pipeline(proc, 20, 500)),
         ("silent", lambda proc: run_silent(proc, 500)),
+        ("slowbody", lambda proc: run_slow(proc, "body", 50)),
+        ("slowread", lambda proc: run_slow(proc, "read", 20)),
     ] + ([("plain", lambda proc: run_plain_on_tls(proc, 200)), ("versions", run_versions)] if args.tls else [])
+    if args.scenarios:
+        scenarios = [(n, run) for n, run in scenarios if n in args.scenarios.split(",")]
     results = {}
     for name in names:
         print("== %s%s" % (name, " (TLS)" if args.tls else ""), file=sys.stderr, flush=True)

@@ -13,7 +13,10 @@ free 127.0.0.1 port, and runs the same load scenarios against it:
   ab-c10    ab -n N -c 10                  a new connection per request
 
 It prints per server the median over rounds, the ratios minipub / best peer,
-and the cost of `import minipub` (and of some peers). Results go to
+and the cost of `import minipub` (and of some peers).  With valgrind installed
+it also counts instructions per keep-alive request of each server process
+(callgrind, bench/instr_per_req.py, --instr N requests; --instr 0 skips it):
+unlike req/s that figure does not depend on what else the machine is doing. Results go to
 bench/results/latest.json and bench/results/hello.svg (chart copied to
 bench/hello.svg unless --no-copy).
 """
@@ -330,6 +333,20 @@ def format_imports(imports):
     return "\n".join(lines)
 
 
+def count_instructions(spec, argv, py, n, threads):
+    """Instructions per keep-alive request of the server process (callgrind), or None."""
+    if not n or not shutil.which("valgrind"):
+        return None
+    cmd = " ".join(spec.resolve(argv, threads, py))  # '{port}' is filled in by instr_per_req.py
+    try:
+        out = subprocess.run([sys.executable, os.path.join(HERE, "instr_per_req.py"), cmd, str(n),
+                              "--cwd", spec.cwd, "--json"], capture_output=True, text=True,
+                             timeout=900, env=common.bench_env(spec.env))
+        return json.loads(out.stdout.strip().splitlines()[-1])["instr_per_req"]
+    except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError):
+        return None
+
+
 def format_table(med, ratios, specs, scens, failures, imports, meta):
     lines = []
     w = 17
@@ -338,7 +355,9 @@ def format_table(med, ratios, specs, scens, failures, imports, meta):
                  % (meta["rounds"], meta["duration_s"], meta["ab_requests"],
                     meta["threads"]))
     lines.append("cell = req/s  p99  [errors]")
+    instr = meta.get("instr_per_req") or {}
     head = "%-*s" % (w, "server") + "".join("| %-27s" % sc.label for sc in scens)
+    head += "| instr/req" if instr else ""
     lines.append(head)
     lines.append("-" * len(head))
     for spec in specs:
@@ -353,6 +372,8 @@ def format_table(med, ratios, specs, scens, failures, imports, meta):
             if err:
                 cell += " [%d]" % err
             cells.append("| %-27s" % cell)
+        if instr:
+            cells.append("| %s" % fmt(instr.get(spec.name)))
         lines.append("%-*s" % (w, spec.name) + "".join(cells))
     lines.append("")
     for m, per in ratios.items():
@@ -469,6 +490,9 @@ def parse_args(argv):
                    help="re-draw the chart (and bench/hello.svg) from a saved "
                         "results JSON, run nothing")
     p.add_argument("--list", action="store_true", help="list servers and exit")
+    p.add_argument("--instr", type=int, default=2000, metavar="N",
+                   help="instructions/request over N keep-alive requests under callgrind "
+                        "(when valgrind is installed; 0: skip)")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (1 if a.quick else 3)
     a.duration = a.duration or (3 if a.quick else 5)
@@ -572,6 +596,10 @@ def main(argv=None):
             log("  %-17s %s%s" % (spec.name, summ,
                                   " (fallback)" if res.get("variant") else ""))
     meta["load_seconds"] = round(time.monotonic() - t_start, 1)
+    if args.instr and shutil.which("valgrind"):
+        log("counting instructions per request under callgrind (%d requests each)" % args.instr)
+        meta["instr_per_req"] = {s.name: count_instructions(s, chosen[s.name], py, args.instr, args.threads)
+                                 for s in specs if s.name not in dead}
 
     imports = {}
     if not args.no_import:
