@@ -181,13 +181,12 @@ class Proc:
             self.p.wait(5)
 
 
-def probe(port, timeout=10.0):
-    """Seconds for a fresh client's whole request, or None if it failed/timed out."""
-    start = time.monotonic()
+def send_and_read(port, payload, timeout):
+    """Send ``payload`` on a new connection and read until the server closes; None if it failed."""
+    data = b""
     try:
         with connect(port, timeout) as sock:
-            sock.sendall(PROBE)
-            data = b""
+            sock.sendall(payload)
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -195,7 +194,14 @@ def probe(port, timeout=10.0):
                 data += chunk
     except OSError:
         return None
-    return time.monotonic() - start if data.startswith(b"HTTP/1.1 200") and data.endswith(HELLO) else None
+    return data
+
+
+def probe(port, timeout=10.0):
+    """Seconds for a fresh client's whole request, or None if it failed/timed out."""
+    start = time.monotonic()
+    data = send_and_read(port, PROBE, timeout)
+    return time.monotonic() - start if data and data.startswith(b"HTTP/1.1 200") and data.endswith(HELLO) else None
 
 
 def worst(latencies):
@@ -444,17 +450,7 @@ def run_pipeline(proc, conns, depth):
     answered = []
 
     def one():
-        data = b""
-        try:
-            with connect(proc.port, timeout=30) as sock:
-                sock.sendall(REQUEST * (depth - 1) + PROBE)
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-        except OSError:
-            pass
+        data = send_and_read(proc.port, REQUEST * (depth - 1) + PROBE, 30) or b""
         answered.append(data.count(b"HTTP/1.1 200 "))
     start = time.monotonic()
     threads = [threading.Thread(target=one) for _ in range(conns)]
