@@ -5430,16 +5430,14 @@ class Engine:
             return
         settings = _limits(config)
         configure_logging(settings)
-        server = Server(tree, settings["server.socket_host"], settings["server.socket_port"],
-                        sock=_listen_socket(settings), config=settings)
+        server = _server_for(tree, settings, _listen_socket(settings))
         try:
             self._begin(server)
         except _StartError:
             server._sock.close()
             raise
         server.start()
-        for url in self.server.urls:
-            _logger().info("minipub %s serving on %s", __version__, url)
+        _announce(server)
 
     def block(self) -> None:
         """Wait for Ctrl-C, SIGTERM or exit() without polling, then exit()."""
@@ -6045,9 +6043,21 @@ def serve(app, config: dict, sock=None, run: list = None) -> int:
         undo()
 
 
+def _server_for(app, config: dict, sock) -> "Server":
+    """The Server for ``app`` on ``sock``, with the server.* settings of ``config``."""
+    return Server(app, config["server.socket_host"], config["server.socket_port"], sock=sock,
+                  config=_limits(config))
+
+
+def _announce(server, hint: str = "") -> None:
+    """The startup line(s); ``hint`` (how to stop) ends the last."""
+    urls = server.urls
+    for i, url in enumerate(urls, 1):
+        _logger().info("minipub %s serving on %s%s", __version__, url, hint if i == len(urls) else "")
+
+
 def _serve_here(app, config: dict, sock) -> int:
-    server = Server(app, config["server.socket_host"], config["server.socket_port"], sock=sock,
-                    config=_limits(config))
+    server = _server_for(app, config, sock)
     server._prepare()
     engine._begin(server)  # start callbacks: after binding, before accepting
     _watch_systemd(engine.task)
@@ -6058,9 +6068,7 @@ def _serve_here(app, config: dict, sock) -> int:
         if _CHILD is not None:
             _child_ready()
         _notify("READY=1")
-        urls = server.urls
-        for i, url in enumerate(urls, 1):
-            _logger().info("minipub %s serving on %s%s", __version__, url, "; Ctrl-C to quit" if i == len(urls) else "")
+        _announce(server, "; Ctrl-C to quit")
         server.serve_forever()
     finally:
         restore()

@@ -183,18 +183,22 @@ class Proc:
 
 def send_and_read(port, payload, timeout):
     """Send ``payload`` on a new connection and read until the server closes; None if it failed."""
-    data = b""
     try:
         with connect(port, timeout) as sock:
-            sock.sendall(payload)
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            return read_to_close(sock, payload)
     except OSError:
         return None
-    return data
+
+
+def read_to_close(sock, payload):
+    """Send ``payload`` on ``sock``, then everything received until the peer closes (OSError passes)."""
+    sock.sendall(payload)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def probe(port, timeout=10.0):
@@ -488,15 +492,9 @@ def run_plain_on_tls(proc, count):
     """Plain HTTP sent to the TLS port: a clear 400 (or a close), never harm to the server."""
     seen = {"answered_400": 0, "closed_silently": 0, "reset": 0, "other": 0}
     for _ in range(count):
-        data = b""
         try:
-            with socket.create_connection((HOST, proc.port), timeout=5) as sock:
-                sock.sendall(PROBE)
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
+            with socket.create_connection((HOST, proc.port), timeout=5) as sock:  # plain, on purpose
+                data = read_to_close(sock, PROBE)
         except ConnectionResetError:
             seen["reset"] += 1
             continue
