@@ -6202,72 +6202,68 @@ def _prog() -> str:
     return "python %s" % os.path.basename(__file__) if __name__ == "__main__" and __spec__ is None else "minipub"
 
 
-def _arg_parser():
-    import argparse
-    parser = argparse.ArgumentParser(
-        prog=_prog(), usage="%(prog)s [--help] [--version] [options] MODULE:ATTR", allow_abbrev=False,
-        description="Serve MODULE:ATTR (a class, an instance or a WSGI callable) over HTTP/1.1.")
-
-    def error(message):  # instead of argparse's usage dump and exit
-        raise _UsageError(message)
-    parser.error = error
-    parser.add_argument("target", metavar="MODULE:ATTR",
-                        help="what to serve, e.g. app:Root (imported from the current directory)")
-    parser.add_argument("--version", action="version", version="minipub %s" % __version__)
-    for alias, key in _CLI_ALIASES.items():
-        parser.add_argument("--" + alias, help="alias of --%s" % key)
-    parser.add_argument("--config", help="INI file with a [global] section of Python literals")
-    parser.add_argument("--reload", action="store_true", help="alias of --engine.autoreload.on true")
-    table = parser.add_argument_group("settings (the LIMITS table: key, default, why)")
-    for key, default, unit, why in LIMITS:
-        shown = oct(default) if unit == "mode" else repr(default)
-        table.add_argument("--" + key, metavar=unit.upper(), dest=key, help="%s [default: %s]" % (why, shown))
-    return parser
+_CLI_FLAGS = {"config": "INI file with a [global] section of Python literals (and [/path] sections)",
+              "reload": "alias of --engine.autoreload.on true", "version": "print the version and exit",
+              "help": "print this help and exit"}
 
 
-def _parse_args(parser, argv):
-    """argparse's namespace; _UsageError naming the first unknown option and its likely spelling."""
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        name = extra[0].partition("=")[0]
-        if not name.startswith("-"):
-            raise _UsageError("unexpected argument %r" % name)
-        import difflib
-        known = ["--" + o for o in (*_CLI_ALIASES, "config", "reload", "version", "help", *_ROWS)]
-        close = difflib.get_close_matches(name, known, n=1)
-        raise _UsageError("unknown option %s%s" % (name, "; did you mean %s?" % close[0] if close else ""))
-    return args
+def _help() -> str:
+    """--help: the aliases and flags, then every LIMITS row (key, unit, why, default)."""
+    import textwrap
+    lines = ["usage: %s [--help] [--version] [options] MODULE:ATTR" % _prog(), "",
+             "Serve MODULE:ATTR (a class, an instance or a WSGI callable) over HTTP/1.1;",
+             "MODULE is imported from the current directory, e.g. app:Root.", "", "options:"]
+    rows = [("--%s %s" % (alias, _ROWS[key][2].upper()), "alias of --" + key)
+            for alias, key in _CLI_ALIASES.items()]
+    rows += [("--config FILE" if name == "config" else "--" + name, why) for name, why in _CLI_FLAGS.items()]
+    rows += [("", ""), ("settings (the LIMITS table: key, default, why):", "")]
+    rows += [("--%s %s" % (key, unit.upper()), "%s [default: %s]" % (why, oct(default) if unit == "mode" else
+                                                                       repr(default)))
+             for key, default, unit, why in LIMITS]
+    for option, why in rows:
+        lines.append("  " + option if why else option)
+        lines += textwrap.wrap(why, 100, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return "\n".join(lines) + "\n"
 
 
-def _usual_args(argv):
-    """_parse_args() of the usual command line (MODULE:ATTR, --option VALUE or --option=VALUE,
-    --reload) without argparse (+0.6 MB of idle RSS); None for the rest (--help, mistakes...)."""
-    from types import SimpleNamespace
-    values = dict.fromkeys(("target", "config", *_CLI_ALIASES, *_ROWS), None)
-    values["reload"], words = False, list(sys.argv[1:] if argv is None else argv)
+def _parse_args(argv) -> dict:
+    """The command line as {name: text} (a LIMITS key, an alias, target, config, reload, help,
+    version); _UsageError naming the first mistake, and an unknown option's likely spelling.
+    ``--option VALUE`` and ``--option=VALUE``; no abbreviations, so a typo is never another option."""
+    values = dict.fromkeys(("target", "config", "help", "version", "reload", *_CLI_ALIASES, *_ROWS))
+    words = list(sys.argv[1:] if argv is None else argv)
     while words:
         word = words.pop(0)
         name, eq, value = word[2:].partition("=")
-        if word == "--reload":
-            values["reload"] = True
-        elif values["target"] is None and not word.startswith("-"):
+        if word in ("--help", "-h", "--version", "--reload"):
+            values["help" if word == "-h" else word[2:]] = True
+        elif not word.startswith("-") and values["target"] is None:
             values["target"] = word
-        elif word[:2] != "--" or name in ("target", "reload") or name not in values or not (eq or words):
-            return None
-        else:  # a value that looks like an option: argparse's own rules apply
+        elif not word.startswith("-"):
+            raise _UsageError("unexpected argument %r" % word)
+        elif eq and name in ("help", "version", "reload"):
+            raise _UsageError("option --%s takes no value" % name)
+        elif word[:2] != "--" or name in ("target", "help", "version", "reload") or name not in values:
+            import difflib
+            close = difflib.get_close_matches(word.partition("=")[0], ["--" + o for o in values if o != "target"], n=1)
+            raise _UsageError("unknown option %s%s" % (word.partition("=")[0],
+                                                       "; did you mean %s?" % close[0] if close else ""))
+        elif not eq and (not words or words[0].startswith("--")):
+            raise _UsageError("option --%s wants a value" % name)
+        else:
             values[name] = value if eq else words.pop(0)
-            if values[name].startswith("-"):
-                return None
-    return SimpleNamespace(**values) if values["target"] is not None else None
+    if values["target"] is None and not (values["help"] or values["version"]):
+        raise _UsageError("the following arguments are required: MODULE:ATTR")
+    return values
 
 
-def _cli_config(args) -> dict:
-    values = load_config(args.config) if args.config else make_config()
+def _cli_config(args: dict) -> dict:
+    values = load_config(args["config"]) if args["config"] else make_config()
     for name in (*_CLI_ALIASES, *_ROWS):  # an alias is read as the key it stands for; the key wins
-        if getattr(args, name) is not None:
+        if args[name] is not None:
             key = _CLI_ALIASES.get(name, name)
-            values[key] = _convert(key, _cli_value(key, getattr(args, name)))
-    if args.reload:
+            values[key] = _convert(key, _cli_value(key, args[name]))
+    if args["reload"]:
         values["engine.autoreload.on"] = True
     return values
 
@@ -6304,18 +6300,21 @@ def _run_cached() -> None:
 def main(argv=None) -> int:
     """The command line; returns the exit status."""
     try:
-        args = _usual_args(argv) or _parse_args(_arg_parser(), argv)
+        args = _parse_args(argv)
     except _UsageError as exc:
         print("minipub: error: %s\nrun '%s --help' for the options" % (exc, _prog()), file=sys.stderr)
         return 2
+    if args["help"] or args["version"]:
+        print(_help() if args["help"] else "minipub %s" % __version__, end="" if args["help"] else "\n")
+        return 0
     try:
         config = _cli_config(args)
-        sections = _read_ini(args.config)[1] if args.config else {}  # [/path] sections: the app's
+        sections = _read_ini(args["config"])[1] if args["config"] else {}  # [/path] sections: the app's
         configure_logging(config)
         # Supervising (workers, reloading): only the children import the app.
         supervised = config["engine.autoreload.on"] or config["server.workers"] > 1
-        app = None if supervised else load_target(args.target, dict(config, **sections))
-        _split_target(args.target)  # supervising: a typo in the target is still one line here
+        app = None if supervised else load_target(args["target"], dict(config, **sections))
+        _split_target(args["target"])  # supervising: a typo in the target is still one line here
         _check_certificates(config)
         sock = _listen_socket(config)
     except (ConfigError, _TargetError) as exc:
@@ -6327,7 +6326,7 @@ def main(argv=None) -> int:
         print("minipub: error: cannot listen on %s: %s" % (where, exc.strerror or exc), file=sys.stderr)
         return 2
     try:
-        return serve(app, config, sock, ["target", args.target, sections])
+        return serve(app, config, sock, ["target", args["target"], sections])
     except (ConfigError, _StartError) as exc:
         print("minipub: error: %s" % exc, file=sys.stderr)
         return 2

@@ -229,7 +229,7 @@ def test_config_ini_file(tmp_path):
 
 
 def test_every_limit_has_a_reason_and_a_cli_option():
-    help_text = minipub._arg_parser().format_help()
+    help_text = minipub._help()
     for key, default, unit, why in minipub.LIMITS:
         assert why and unit in minipub._UNIT_TYPES
         assert "--" + key in help_text
@@ -5000,15 +5000,25 @@ def test_cli_script_reruns_itself_from_a_pyc_keeping_pid_argv_and_sigterm(tmp_pa
         "minipub.%s.pyc" % sys.implementation.cache_tag]
 
 
-def test_cli_usual_arguments_read_without_argparse_as_argparse_reads_them():
-    usual = [["app:Root"], ["app:Root", "--port", "8080"], ["--port=80", "app:Root", "--reload"],
-             ["app:Root", "--server.thread_pool", "3", "--log.screen=false", "--host", "::", "--threads", "04"],
-             ["app:Root", "--config", "x.ini", "--certfile=a", "--keyfile", "b", "--host="]]
-    for argv in usual:
-        assert vars(minipub._usual_args(argv)) == vars(minipub._parse_args(minipub._arg_parser(), argv)), argv
-    for argv in ([], ["--help"], ["-h"], ["--version"], ["a:b", "c"], ["a:b", "--port"], ["a:b", "--port", "-1"],
-                 ["a:b", "--po", "1"], ["a:b", "--reload=1"], ["a:b", "--target", "x"], ["a:b", "--", "x"], ["-"]):
-        assert minipub._usual_args(argv) is None, argv  # argparse's: help, version, its messages
+def test_cli_arguments_are_read_by_one_parser():
+    def parsed(*argv):
+        return {k: v for k, v in minipub._parse_args(list(argv)).items() if v is not None}
+    assert parsed("app:Root") == {"target": "app:Root"}
+    assert parsed("--port=80", "app:Root", "--reload") == {"target": "app:Root", "port": "80", "reload": True}
+    assert parsed("app:Root", "--server.thread_pool", "3", "--log.screen=false", "--host", "::", "--host=") == {
+        "target": "app:Root", "server.thread_pool": "3", "log.screen": "false", "host": ""}
+    assert parsed("app:Root", "--port", "-1") == {"target": "app:Root", "port": "-1"}  # a value, not an option
+    assert parsed("-h") == {"help": True} and parsed("--version") == {"version": True}
+    config = minipub._cli_config(minipub._parse_args(["a:b", "--threads", "04", "--server.thread_pool=3"]))
+    assert config["server.thread_pool"] == 3  # the key wins over its alias
+    for argv, error in ((["a:b", "c"], "unexpected argument 'c'"), (["a:b", "--port"], "option --port wants a value"),
+                        (["a:b", "--po", "1"], "unknown option --po; did you mean --port?"),
+                        (["a:b", "--reload=1"], "option --reload takes no value"),
+                        (["a:b", "--target", "x"], "unknown option --target"), (["-"], "unknown option -"),
+                        ([], "the following arguments are required: MODULE:ATTR")):
+        with pytest.raises(minipub._UsageError) as info:
+            minipub._parse_args(argv)
+        assert str(info.value).startswith(error), argv
 
 
 def test_cli_serves_a_plain_wsgi_callable(tmp_path):
