@@ -2595,12 +2595,8 @@ def _apply_forwarded(req, trusted):
     """From a trusted proxy only, Forwarded (RFC 7239) or else X-Forwarded-For,
     -Proto and -Host set remote_addr, scheme and host (so base and redirects
     name the public URL).  From anyone else they are ignored."""
-    if not trusted:
-        return
-    networks = _trusted_networks(trusted)
-    if _is_trusted(req.remote_addr, networks):
-        addr, proto, host = _forwarded_hop(req.environ, networks)
-        req.remote_addr, req.scheme, req.host = addr or req.remote_addr, proto or req.scheme, host or req.host
+    addr, proto, host = _forwarded_hop(req.environ, trusted)
+    req.remote_addr, req.scheme, req.host = addr or req.remote_addr, proto or req.scheme, host or req.host
 
 
 _network_cache = {}
@@ -2657,12 +2653,16 @@ def _forwarded_elements(value: str) -> list:
         pos = match.end()
 
 
-def _forwarded_hop(environ, networks) -> tuple:
-    """(client, proto, host) as told by the outermost trusted proxy; Nones if unknown.
+def _forwarded_hop(environ, trusted) -> tuple:
+    """(client, proto, host) as told by the outermost of the ``trusted`` proxies; Nones if unknown,
+    or if the peer is not one of them.
 
     The client is the rightmost address that is not itself a trusted proxy:
     anything left of it the client may have written.  Malformed headers from
     a trusted proxy are logged and ignored (the peer stays the client)."""
+    networks = _trusted_networks(trusted)
+    if not _is_trusted(environ.get("REMOTE_ADDR", ""), networks):
+        return None, None, None
     try:
         if "HTTP_FORWARDED" in environ:
             elements = _forwarded_elements(environ["HTTP_FORWARDED"])
@@ -3434,10 +3434,9 @@ class VirtualHost:
         host, scheme = req.environ.get("HTTP_HOST", ""), req.environ.get("wsgi.url_scheme", "http")
         if self.use_x_forwarded_host:
             trusted = self.trusted_proxies
-            networks = _trusted_networks(req.app.config["server.trusted_proxies"] if trusted is None else trusted)
-            if _is_trusted(req.environ.get("REMOTE_ADDR", ""), networks):
-                _, proto, forwarded = _forwarded_hop(req.environ, networks)
-                host, scheme = forwarded or host, proto or scheme
+            _, proto, forwarded = _forwarded_hop(
+                req.environ, req.app.config["server.trusted_proxies"] if trusted is None else trusted)
+            host, scheme = forwarded or host, proto or scheme
         try:
             name, port = _split_host(host) if host else (None, None)
         except ValueError:
