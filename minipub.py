@@ -5322,10 +5322,6 @@ class _StartError(Exception):
     """A start callback failed: the process does not serve."""
 
 
-class _Exit(BaseException):
-    """Raised by the engine's signal handler to end engine.block()."""
-
-
 class _Tasks:
     """Callables due every so many seconds.  step() runs the due ones and says how long until the
     next is due (None: none registered), so whoever runs them sleeps exactly that long: no tick."""
@@ -5440,21 +5436,13 @@ class Engine:
 
     def block(self) -> None:
         """Wait for Ctrl-C, SIGTERM or exit() without polling, then exit()."""
-        restore = lambda: None  # noqa: E731 - not in the main thread: the host program owns signals
-        if threading.current_thread() is threading.main_thread():
-            import signal
-
-            def on_signal(signum, frame):
-                raise _Exit()
-            old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            restore = lambda: [signal.signal(s, h) for s, h in old.items()]  # noqa: E731
-        try:
-            if self.state == "STARTED" and self.server is not None:
-                self.server._thread.join()  # its watch thread ends once the server has stopped
-        except _Exit:
-            pass
-        finally:
-            restore()
+        if self.state == "STARTED" and self.server is not None:
+            # The server's own handlers: a signal drains it, and its watch thread then ends.
+            restore = self.server._install_signals()
+            try:
+                self.server._thread.join()
+            finally:
+                restore()
         self.exit()
 
     def stop(self) -> None:
