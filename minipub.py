@@ -2776,7 +2776,7 @@ class Application:
         _trusted_networks(self.config["server.trusted_proxies"])  # a bad entry fails here, not per request
         for path in self._paths:
             self._check_static(path)
-        _check_tree(root)
+        self.answers = _check_tree(root)
 
     @property
     def config(self) -> dict:
@@ -2982,14 +2982,17 @@ def _name_of(node) -> str:
     return getattr(node, "__qualname__", None) or type(node).__qualname__
 
 
-def _check_tree(root, limit: int = 2000) -> None:
-    """Check every _cp_config reachable from ``root`` now, so a typo fails at startup."""
-    seen, todo = set(), [root]
+def _check_tree(root, limit: int = 2000) -> bool:
+    """Check every _cp_config reachable from ``root`` now, so a typo fails at startup; whether
+    anything in the tree answers (an exposed handler or a VirtualHost).  Attributes are read from
+    the __dict__s of the object and its classes (not inspect: +0.8 MB), so no property runs."""
+    seen, todo, answers = set(), [root], False
     while todo and len(seen) < limit:
         node = todo.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
+        answers = answers or _exposed(node) or hasattr(node, "_minipub_resolve")
         for conf in _cp_configs(node):
             _checked(conf, "_cp_config of %s" % _name_of(node))
         names = {}
@@ -3004,6 +3007,7 @@ def _check_tree(root, limit: int = 2000) -> None:
             if getattr(child, "exposed", False) or hasattr(child, "_cp_config") or (
                     not callable(child) and hasattr(child, "__dict__") and type(child).__module__ != "builtins"):
                 todo.append(child)
+    return answers
 
 
 def _run(hooks, point):
@@ -6090,10 +6094,11 @@ def load_target(spec: str, config: dict):
         obj = _instantiate(obj, module_name)
     if isinstance(obj, Application) or _is_wsgi(obj):
         return obj
-    if not _has_handler(obj):
+    app = Application(obj, config)
+    if not app.answers:
         raise _TargetError("%s has no exposed handler and is not a WSGI callable(environ, start_response): "
                            "mark its methods with @minipub.expose" % spec)
-    return Application(obj, config)
+    return app
 
 
 def _split_target(spec: str) -> tuple:
@@ -6127,23 +6132,6 @@ def _instantiate(cls, module_name: str):
         raise _TargetError("%s:%s cannot be created without arguments (%s): serve an instance instead, e.g. "
                            "root = %s(...) in %s and the target %s:root" % (
                                module_name, cls.__name__, exc, cls.__name__, module_name, module_name)) from None
-
-
-def _has_handler(root) -> bool:
-    """Whether anything under ``root`` is exposed; a startup check bounded to 1000 objects.
-
-    Attributes are read from the __dict__s of the object and its classes (not inspect: +0.8 MB), so no property runs."""
-    todo, seen = [root], set()
-    while todo and len(seen) < 1000:
-        node = todo.pop()
-        if _exposed(node) or hasattr(node, "_minipub_resolve"):
-            return True
-        if id(node) in seen or isinstance(node, type(os)) or not hasattr(node, "__dict__"):
-            continue  # visited, a module, or a plain value (int, str, ...)
-        seen.add(id(node))
-        owners = [vars(c) for c in (node.__mro__ if isinstance(node, type) else (node, *type(node).__mro__))]
-        todo.extend(next((d[n] for d in owners if n in d), None) for n in dir(node) if not n.startswith("_"))
-    return False
 
 
 def _where(exc: BaseException) -> str:
