@@ -3782,10 +3782,8 @@ _COMPRESSIBLE = ("text/*", "application/json", "application/javascript", "applic
 
 def _coding_q(header: str, coding: str) -> float:
     """The quality Accept-Encoding gives ``coding`` (RFC 9110 12.5.3): its own entry, else '*'."""
-    found = {}
-    for item in header.split(","):
-        name, _, params = item.strip(" \t").partition(";")
-        found[name.strip(" \t").lower()] = _qvalue(params)
+    entries = (item.strip(" \t").partition(";") for item in header.split(","))
+    found = {name.strip(" \t").lower(): _qvalue(params) for name, _, params in entries}
     return found.get(coding, found.get("x-" + coding, found.get("*", 0.0)))
 
 
