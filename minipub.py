@@ -4243,7 +4243,7 @@ class Session(MutableMapping):
 def _session_init(storage_class=None, storage_type: str = "memory", storage_path: str = None, timeout: float = 60,
                   locking: str = "implicit", name: str = "session_id", path: str = "/", path_header: str = None,
                   domain: str = None, secure: bool = None, httponly: bool = True, samesite: str = "Lax",
-                  persistent: bool = True, secret=(), clean_freq: float = 5, clock=time.time, debug: bool = False):
+                  persistent: bool = True, secret=(), clock=time.time):
     req = _local.request
     store = _store_for(storage_class, storage_type, storage_path, secret)
     sess = Session(store, req.cookies.get(name), timeout, locking, clock)
@@ -4252,17 +4252,16 @@ def _session_init(storage_class=None, storage_type: str = "memory", storage_path
     max_age = int(timeout * 60) if persistent else None
     sess.set_cookie = lambda value: _local.response.set_cookie(  # None expires the cookie
         name, value or "", max_age if value else 0, path, domain, secure, httponly, samesite)
-    sess.clean_freq, sess.debug = clean_freq, debug
     _local.session = sess
 
 
-def _session_save():
+def _session_save(clean_freq: float = 5, debug: bool = False):  # tools.sessions.* as _session_init's
     sess = _local.__dict__.get("session")
     if sess is None:
         return
     if sess.save(sess.set_cookie):
-        sess.store.arm(sess.clean_freq, sess.clock)
-    if sess.debug:
+        sess.store.arm(clean_freq, sess.clock)
+    if debug:
         _logger().debug("session %s", "saved" if sess.loaded else "not used")  # never the id
 
 
