@@ -3785,10 +3785,8 @@ _COMPRESSIBLE = ("text/*", "application/json", "application/javascript", "applic
 
 def _coding_q(header: str, coding: str) -> float:
     """The quality Accept-Encoding gives ``coding`` (RFC 9110 12.5.3): its own entry, else '*'."""
-    found = {}
-    for item in header.split(","):
-        name, _, params = item.strip(" \t").partition(";")
-        found[name.strip(" \t").lower()] = _qvalue(params)
+    entries = (item.strip(" \t").partition(";") for item in header.split(","))
+    found = {name.strip(" \t").lower(): _qvalue(params) for name, _, params in entries}
     return found.get(coding, found.get("x-" + coding, found.get("*", 0.0)))
 
 
@@ -4167,7 +4165,8 @@ class Session(MutableMapping):
             return self._data
         token = self.originalid
         if token and _SESSION_ID.fullmatch(token) and self.locking != "explicit":
-            self._lock(token)  # implicit: locked from the first use until saved
+            self.store.acquire(token)  # implicit: locked from the first use until saved
+            self.locked = token
         found = self.store.load(token) if token else None
         if found is not None and found[2] < self.clock():
             self.store.delete(found[0])  # expired: removed now, lazily
@@ -4180,10 +4179,6 @@ class Session(MutableMapping):
             self.originalid = found[0]  # the cookie store's cookie is the signed data; its id is inside
         self.loaded = True
         return self._data
-
-    def _lock(self, sid):
-        self.store.acquire(sid)
-        self.locked = sid
 
     @property
     def id(self) -> str:
@@ -4209,7 +4204,8 @@ class Session(MutableMapping):
         """Explicit locking: lock now; data read before is read again under the lock."""
         self._open()
         if not self.locked:
-            self._lock(self._id)
+            self.store.acquire(self._id)
+            self.locked = self._id
             found = self.store.load(self._id) if self.existed else None
             if found is not None:
                 self._data = found[1]
@@ -4250,31 +4246,25 @@ class Session(MutableMapping):
 def _session_init(storage_class=None, storage_type: str = "memory", storage_path: str = None, timeout: float = 60,
                   locking: str = "implicit", name: str = "session_id", path: str = "/", path_header: str = None,
                   domain: str = None, secure: bool = None, httponly: bool = True, samesite: str = "Lax",
-                  persistent: bool = True, secret=(), clean_freq: float = 5, clock=time.time, debug: bool = False):
+                  persistent: bool = True, secret=(), clock=time.time):
     req = _local.request
     store = _store_for(storage_class, storage_type, storage_path, secret)
     sess = Session(store, req.cookies.get(name), timeout, locking, clock)
     if path_header:
         path = req.environ.get(_env_key(path_header), path)
     max_age = int(timeout * 60) if persistent else None
-    sess.cookie = (name, max_age, path, domain, secure, httponly, samesite)
-    sess.clean_freq, sess.debug = clean_freq, debug
+    sess.set_cookie = lambda value: _local.response.set_cookie(  # None expires the cookie
+        name, value or "", max_age if value else 0, path, domain, secure, httponly, samesite)
     _local.session = sess
 
 
-def _session_save():
+def _session_save(clean_freq: float = 5, debug: bool = False):  # tools.sessions.* as _session_init's
     sess = _local.__dict__.get("session")
     if sess is None:
         return
-    name, max_age, path, domain, secure, httponly, samesite = sess.cookie
-
-    def set_cookie(value):
-        gone = value is None
-        _local.response.set_cookie(name, "" if gone else value, 0 if gone else max_age, path, domain, secure,
-                                   httponly, samesite)
-    if sess.save(set_cookie):
-        sess.store.arm(sess.clean_freq, sess.clock)
-    if sess.debug:
+    if sess.save(sess.set_cookie):
+        sess.store.arm(clean_freq, sess.clock)
+    if debug:
         _logger().debug("session %s", "saved" if sess.loaded else "not used")  # never the id
 
 
@@ -4311,8 +4301,7 @@ def csrf_token() -> str:
     if sess is None:
         raise RuntimeError("minipub.csrf_token() needs tools.sessions.on for this path")
     if "_csrf_token" not in sess:
-        import secrets
-        sess["_csrf_token"] = secrets.token_urlsafe(32)
+        sess["_csrf_token"] = _new_session_id()  # as unguessable as a session id
     return sess["_csrf_token"]
 
 
@@ -4795,8 +4784,7 @@ class StaticDir:
             if not self._index:
                 raise NotFound()
             path = self._resolve(req, tuple(segments) + (self._index,))
-        ctype = (content_types or {}).get(os.path.splitext(path)[1].lstrip(".").lower())
-        return serve_file(path, ctype, cache_control=self._cache)
+        return _serve_typed(path, content_types, self._cache)
 
     def _resolve(self, req, segments) -> str:
         raw = req.environ.get("RAW_URI") or req.environ.get("REQUEST_URI") or ""
@@ -4826,40 +4814,41 @@ def _static_root(path: str, root, where: str) -> str:
 _static_dirs = {}
 
 
+def _serve_typed(path: str, content_types: dict, cache_control: str = None):
+    """serve_file(), typed by ``content_types`` ({extension: type}) where it names the file's."""
+    ctype = (content_types or {}).get(os.path.splitext(path)[1].lstrip(".").lower())
+    return serve_file(path, ctype, cache_control=cache_control)
+
+
 def _staticdir(section: str, dir: str, root: str = None, match: str = "", content_types: dict = None,
                index: str = "", debug: bool = False):
     """tools.staticdir: the file under ``dir`` at the request's path below ``section``; a missing
     file leaves the request to its handler (usually a 404)."""
-    req = _local.request
-    if match and not re.search(match, req.path_info):
-        return
-    base = _static_root(dir, root, "tools.staticdir.dir")
-    server = _static_dirs.get((base, index))
-    if server is None:
-        server = _static_dirs[(base, index)] = StaticDir(base, index)
-    rest = req.path_info[len(section):] if section != "/" else req.path_info
-    segments = [s for s in rest.split("/")[1:]]
-    if segments and segments[-1] == "":
-        segments.pop()
-    try:
-        _local.response.body = server._serve(segments, content_types)
-    except NotFound:
-        return
-    req.handler = None
+    def serve(req):
+        base = _static_root(dir, root, "tools.staticdir.dir")
+        server = _static_dirs.get((base, index))
+        if server is None:
+            server = _static_dirs[(base, index)] = StaticDir(base, index)
+        segments = (req.path_info[len(section):] if section != "/" else req.path_info).split("/")[1:]
+        return server._serve(segments[:-1] if segments[-1:] == [""] else segments, content_types)
+    _static_answer(match, serve)
 
 
 def _staticfile(filename: str, root: str = None, match: str = "", content_types: dict = None,
                 debug: bool = False):
     """tools.staticfile: answer with one file."""
+    _static_answer(match, lambda req: _serve_typed(_static_root(filename, root, "tools.staticfile.filename"),
+                                                   content_types))
+
+
+def _static_answer(match: str, serve) -> None:
     req = _local.request
     if match and not re.search(match, req.path_info):
         return
-    path = _static_root(filename, root, "tools.staticfile.filename")
-    ctype = (content_types or {}).get(os.path.splitext(path)[1].lstrip(".").lower())
     try:
-        _local.response.body = serve_file(path, ctype)
+        _local.response.body = serve(req)
     except NotFound:
-        return
+        return  # left to the handler
     req.handler = None
 
 
