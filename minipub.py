@@ -112,7 +112,8 @@ LIMITS = (
     ("server.max_header_count", 100, "fields", "more header fields: 431"),
     ("server.max_request_body_size", 1 * GiB, "bytes", "larger body: 413; 0 means unlimited"),
     ("server.body_buffer_size", 1 * MiB, "bytes",
-     "a request body up to this size is read by the poll role before a worker sees the request"),
+     "request bodies are read whole by the poll role before a worker sees them: this much in memory, "
+     "the rest in a temporary file"),
     ("server.max_unsent_bytes", 512 * MiB, "bytes",
      "response bytes queued for slow readers, all connections together (memory, then temporary files)"),
     ("server.max_chunk_extension_size", 1 * KiB, "bytes",
@@ -429,16 +430,12 @@ class _ClientGone(Exception):
     """The peer closed or reset the connection; nothing more can be sent."""
 
 
-class _Timeout(Exception):
-    """The peer was too slow for a deadline; answered with 408 when possible."""
-
-
 # ===========================================================================
 # Server: accept, poll, workers
 # Contract: all socket I/O lives in this section, in three roles behind the
 # Server facade.  _PollRole owns the selector, the listening socket (through
 # its _Acceptor) and every connection that is *waiting*: for its TLS
-# handshake, the rest of its head, a body up to server.body_buffer_size, its
+# handshake, the rest of its head, its whole body (see _Body), its
 # next keep-alive request, a slow reader to take queued output, or a
 # lingering close; it never blocks on a client, so slow or silent clients
 # cost a file descriptor, not a thread.  _Pool is the bounded set of workers:
@@ -462,7 +459,6 @@ _RECV = 256 * KiB
 # socket is half-closed and read for this long before closing: closing at once
 # would send a reset, which can destroy the answer before the client reads it.
 _LINGER_CLOSE = 2.0
-_DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
 _OUT_MEMORY = 256 * KiB  # unsent output of one connection kept in memory; more goes to its temporary file
 _PAUSE = 0.25  # out of descriptors: accept is tried again after this long, or once a connection closed
 _FD_SPARE = 64  # descriptors kept beyond server.max_connections: listener, selector, the app's files
@@ -567,7 +563,7 @@ class _Conn:
     so TLS goes through the same paths."""
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
+                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "body")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
@@ -575,26 +571,7 @@ class _Conn:
         self.want = server._want
         self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
         self.lingering = self.late = self.registered = self.closing = self.ready = False  # late: 503 (stopping)
-        self.server, self.out, self.spill, self.since = server, deque(), None, 0.0  # out: see queue()
-
-    def recv(self, timeout: float) -> None:
-        """Feed the parser more bytes within ``timeout`` seconds."""
-        deadline = None
-        while True:
-            try:
-                data = self.sock.recv(_RECV)
-                break
-            except self.want as exc:
-                now = time.monotonic()
-                deadline = deadline or now + timeout
-                write = type(exc).__name__ == "SSLWantWriteError"  # TLS must send before it can read
-                if now >= deadline or not _wait_for(self.sock, write, deadline - now):
-                    raise _Timeout() from None
-            except OSError:
-                raise _ClientGone() from None
-        if not data:
-            raise _ClientGone()
-        self.parser.receive(data)
+        self.server, self.out, self.spill, self.body = server, deque(), None, None  # out: see queue()
 
     def send(self, data) -> None:
         """Send ``data`` now as far as the socket takes it; queue() the rest: a worker never waits."""
@@ -708,6 +685,86 @@ class _Conn:
         if self.spill is not None:
             self.spill.close()
             self.spill = None
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+
+
+class _Body:
+    """A request body, read by the poll role before a worker is given the request; then wsgi.input.
+
+    The connection's parser decodes it (Content-Length or chunked) into memory up to
+    server.body_buffer_size and beyond that into a temporary file, so an upload of any size and
+    speed costs a descriptor, not a thread.  The application reads a BytesIO or the file."""
+
+    __slots__ = ("parts", "file", "size", "since")
+
+    def __init__(self):
+        self.parts, self.file, self.size, self.since = [], None, 0, time.monotonic()
+
+    def fill(self, conn, limit: int) -> bool:
+        """Take what the parser holds and the socket has; True once the body is complete.
+        ProtocolError: bad framing or over the size limit; _ClientGone: the peer closed."""
+        parser, rounds = conn.parser, 64  # recv() calls per turn: a fast upload starves nobody
+        while True:
+            event = parser.next_event(_RECV)
+            while event is not NEED_DATA:
+                if event is END_OF_MESSAGE:
+                    self.add(b"", limit)  # the end: rewind the file
+                    return True
+                self.add(event, limit)
+                event = parser.next_event(_RECV)
+            rounds -= 1
+            if rounds < 0 and not (conn.tls and conn.sock.pending()):  # select() sees the rest
+                return False
+            try:
+                data = conn.sock.recv(_RECV)
+            except conn.want:
+                return False
+            except OSError:
+                raise _ClientGone() from None
+            if not data:
+                raise _ClientGone()
+            parser.buffer += data
+
+    def add(self, data: bytes, limit: int) -> None:
+        """Keep ``data``; empty at the end of the body.  HTTPError 507 or 503: no room on disk."""
+        self.size += len(data)
+        try:
+            if self.file is None and self.size > limit:
+                import tempfile
+                self.file = tempfile.TemporaryFile()
+                self.file.writelines(self.parts)
+                self.parts = None
+            if self.file is None:
+                self.parts.append(data)
+            elif data:
+                self.file.write(data)
+            else:
+                self.file.seek(0)  # flushes it: a full disk may show only now
+        except OSError as exc:
+            raise _no_room(exc, "a request body of %d bytes" % self.size) from None
+
+    def input(self):
+        """The whole body as a stream for wsgi.input: read(), readline(), iteration."""
+        if self.file is None:
+            import io  # always loaded by the interpreter
+            return io.BytesIO(b"".join(self.parts))
+        return self.file
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _no_room(exc: OSError, what: str) -> HTTPError:
+    """A temporary file could not be written: 507 if its directory is full, else 503; logged."""
+    import errno
+    import tempfile
+    _logger().error("%s refused: cannot write to the temporary directory %s: %s",
+                    what, tempfile.gettempdir(), exc.strerror or exc)
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return HTTPError(507 if full else 503, "No room to store the upload; try again later.")
 
 
 class _Acceptor:
@@ -932,33 +989,39 @@ class _PollRole:
             self.drop(conn)
         elif conn.late:
             self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
-        elif conn.head.content_length and not conn.head.expect_continue and (
-                len(conn.parser.buffer) < conn.head.content_length <= self.config["server.body_buffer_size"]):
-            # (with Expect: 100-continue the application decides whether the body is wanted, and
-            # the worker answers 100 when it starts reading: an unwanted body is never asked for)
-            conn.since = time.monotonic()
-            self._body(conn)
         else:
-            self.pending.append(conn)  # this thread serves it once its poll round ends
+            self.dispatch(conn)
+
+    def dispatch(self, conn):
+        """A request head is in: its body is read here first (see _Body), then a worker serves it."""
+        head = conn.head
+        if not (head.content_length or head.chunked):
+            return self.pending.append(conn)  # this thread serves it once its poll round ends
+        conn.body = _Body()
+        if head.expect_continue and not conn.parser.buffer:
+            # RFC 9110 10.1.1: "A server MAY omit sending a 100 (Continue) response if it has
+            # already received some or all of the content for the corresponding request"
+            conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._body(conn)
 
     def _body(self, conn):
-        """A body up to server.body_buffer_size is read here: a slow upload holds no worker."""
-        parser, length = conn.parser, conn.head.content_length
+        """Read more of the body; a worker gets the request once it is whole.  min_body_rate is
+        kept here: after socket_timeout of grace the body must have come at that rate, or 408."""
+        body = conn.body
         try:
-            while len(parser.buffer) < length:
-                data = conn.sock.recv(_RECV)
-                if not data:
-                    return self.drop(conn)
-                parser.buffer += data
-        except self.want:
-            pass
-        except OSError:
-            return self.drop(conn)
-        now, rate, have = time.monotonic(), self.config["server.min_body_rate"], len(parser.buffer)
-        if have >= length or (rate and have < (now - conn.since - self.config["server.socket_timeout"]) * rate):
-            self.unwait(conn)  # all there; or min_body_rate, after socket_timeout of grace, is not kept
-            return self.pending.append(conn) if have >= length else self.reject(
-                conn, ProtocolError(408, "The request body arrived too slowly.\n"))
+            done = body.fill(conn, self.config["server.body_buffer_size"])
+        except HTTPError as err:  # ProtocolError (framing, 413), or no room on disk
+            self.unwait(conn)
+            return self.reject(conn, err)
+        except _ClientGone:
+            return self.drop(conn)  # the buffer and temporary file go with it, at once
+        if done:
+            self.unwait(conn)
+            return self.pending.append(conn)
+        now, rate = time.monotonic(), self.config["server.min_body_rate"]
+        if rate and body.size < (now - body.since - self.config["server.socket_timeout"]) * rate:
+            self.unwait(conn)
+            return self.reject(conn, ProtocolError(408, "The request body arrived too slowly.\n"))
         self.wait(conn, "body", now)
 
     def _pull(self, conn):
@@ -1042,7 +1105,7 @@ class _PollRole:
             elif conn.ready:
                 conn.ready = False
                 self.unwait(conn)
-                self.pending.append(conn)  # a pipelined request read while its output was queued
+                self.dispatch(conn)  # a pipelined request read while its output was queued
             elif conn.closing or (self.server._stopping and not conn.lingering):
                 self.drop(conn)  # idle between requests while stopping: closing is allowed
             elif conn.lingering:
@@ -1245,8 +1308,8 @@ class _Pool:
                 except ProtocolError as err:
                     _Exchange(server, conn).fail(err.status, err.message)
                     break
-                if head is NEED_DATA or conn.out:
-                    keep, conn.ready = True, head is not NEED_DATA
+                if head is NEED_DATA or conn.out or head.content_length or head.chunked:  # a body: read
+                    keep, conn.ready = True, head is not NEED_DATA  # by the poll role (rewait)
                     if conn.ready:
                         conn.head = head
                     break
@@ -2006,100 +2069,9 @@ class FileWrapper:
             yield block
 
 
-class _Input:
-    """wsgi.input: the request body, pulled from the socket only on demand."""
-
-    def __init__(self, exchange):
-        self.ex, self.pending, self.received = exchange, b"", 0
-        self.started, self.continue_sent = None, False
-
-    def _next(self, max_bytes: int) -> bytes:
-        ex, parser = self.ex, self.ex.conn.parser
-        if not parser.in_body:
-            return b""
-        if ex.head.expect_continue and not self.continue_sent and not ex.headers_sent:
-            self.continue_sent = True
-            ex.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while True:
-            event = parser.next_event(max_bytes)
-            if event is END_OF_MESSAGE:
-                return b""
-            if event is not NEED_DATA:
-                self.received += len(event)
-                return event
-            ex.conn.recv(self._timeout())
-
-    def _timeout(self) -> float:
-        """Per-receive wait: socket_timeout, shortened to keep min_body_rate."""
-        config = self.ex.server.config
-        grace, rate = config["server.socket_timeout"], config["server.min_body_rate"]
-        now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        if not rate:
-            return grace
-        left = self.started + grace + self.received / rate - now
-        if left <= 0:
-            raise _Timeout()
-        return min(grace, left)
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = sys.maxsize
-        parts, have = [], 0
-        if self.pending:
-            parts.append(self.pending[:size])
-            have, self.pending = len(parts[0]), self.pending[size:]
-        while have < size:
-            chunk = self._next(min(size - have, _RECV))
-            if not chunk:
-                break
-            parts.append(chunk)
-            have += len(chunk)
-        return b"".join(parts)
-
-    def readline(self, size: int = -1) -> bytes:
-        pending = self.pending
-        while True:
-            nl = pending.find(b"\n")
-            if nl >= 0 or 0 <= size <= len(pending):
-                break
-            chunk = self._next(_RECV)
-            if not chunk:
-                break
-            pending += chunk
-        cut = len(pending) if nl < 0 else nl + 1
-        cut = size if 0 <= size < cut else cut
-        line, self.pending = pending[:cut], pending[cut:]
-        return line
-
-    def readlines(self, hint: int = -1) -> list:
-        lines, total = [], 0
-        for line in self:
-            lines.append(line)
-            total += len(line)
-            if 0 < hint <= total:
-                break
-        return lines
-
-    def __iter__(self):
-        return iter(self.readline, b"")
-
-    def drain(self, limit: int) -> bool:
-        """Discard up to ``limit`` unread body bytes; True if the body ended."""
-        self.pending = b""
-        while limit > 0:
-            chunk = self._next(min(limit, _RECV))
-            if not chunk:
-                return not self.ex.conn.parser.in_body
-            limit -= len(chunk)
-        return self._next(1) == b"" and not self.ex.conn.parser.in_body
-
-
 class _NoBody:
     """wsgi.input of a request without a body: at its end, and stateless, so one serves every thread."""
 
-    continue_sent = False
     read = readline = lambda self, size=-1: b""  # noqa: E731
     readlines = lambda self, hint=-1: []  # noqa: E731
     __iter__ = lambda self: iter(())  # noqa: E731
@@ -2118,7 +2090,8 @@ class _Exchange:
     def __init__(self, server, conn):
         self.server, self.conn, self.head = server, conn, conn.head
         self.no_body, self.close = self.head.method == "HEAD", not self.head.keep_alive
-        self.input = _Input(self) if conn.parser.in_body else _NO_BODY
+        body, conn.body = conn.body, None  # read whole by the poll role (_Body)
+        self.input = _NO_BODY if body is None else body.input()
 
     def run(self) -> bool:
         """Serve the request; True if the connection may carry another."""
@@ -2131,22 +2104,19 @@ class _Exchange:
                 finally:
                     if hasattr(result, "close"):
                         result.close()
-            except (_ClientGone, _Timeout, ProtocolError):
+            except (_ClientGone, ProtocolError):
                 raise
             except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
                 # own stop is a flag, never an exception, so this one request fails, not the worker
                 _logger().exception("Error answering %s %s", self.head.method, self.head.target)
                 self.fail(500, None)
-            if self.conn.parser.error is not None:
-                return False  # the app swallowed a framing error: never read on
-            if self.conn.parser.in_body:
-                self.finish_body()
         except _ClientGone:
             return False
-        except _Timeout:
-            self.fail(408, "The request body arrived too slowly.")
         except ProtocolError as err:
             self.fail(err.status, err.message)
+        finally:
+            if self.input is not _NO_BODY:
+                self.input.close()  # and its temporary file
         if self.server._access:
             self.log(environ)
         return not self.close
@@ -2274,9 +2244,8 @@ class _Exchange:
                 self.chunked, extra = True, "Transfer-Encoding: chunked\r\n"
             else:
                 self.close = True  # HTTP/1.0 without a length: the close ends the body
-        parser = self.conn.parser
-        if self.server._stopping or parser.error is not None or (parser.in_body and self.unread_body_too_big()):
-            self.close = True  # stopping, after a framing error, or a body we will not drain
+        if self.server._stopping:
+            self.close = True
         if self.close:
             extra += "Connection: close\r\n"
         elif self.head.version == "HTTP/1.0":
@@ -2287,20 +2256,6 @@ class _Exchange:
                                                           _date_cache[1] if _date_cache[0] == now else _now_date())
         self.headers_sent = True
         self.conn.send(head.encode("latin-1") + self.frame(first))
-
-    def unread_body_too_big(self) -> bool:
-        """True if the rest of the request body (the caller checked there is one) will not be drained."""
-        parser = self.conn.parser
-        if self.head.expect_continue and not self.input.continue_sent:
-            return True  # we never asked for that body
-        return parser.body_left is not None and parser.body_left > _DRAIN
-
-    def finish_body(self):
-        """Make the connection ready for the next request (its body is unread), or mark it to close."""
-        if self.head.expect_continue and not self.input.continue_sent:
-            self.close = True  # we never asked for the body; don't wait for it
-        elif not self.close and not self.input.drain(_DRAIN):
-            self.close = True
 
     def log(self, environ):
         """A Common Log Format line; the "combined" formatter appends Referer and User-Agent."""
@@ -2826,8 +2781,8 @@ class Application:
             # As CherryPy: a redirect or error page is finalized too (a session is saved on a redirect).
             _run_safely(req, "before_finalize")
             return resp.body
-        except (_ClientGone, _Timeout):
-            raise  # the server's business (close, or 408), not a handler bug
+        except _ClientGone:
+            raise  # the server's business (close), not a handler bug
         except Exception:
             return self.fail(req, resp)
         finally:
@@ -4906,13 +4861,8 @@ class Part:
 
     def _spool_failed(self, exc: OSError):
         """The temporary directory is full (507) or unusable (503): say which, keep nothing."""
-        import errno
-        import tempfile
-        _logger().error("upload of %r refused: cannot write to the temporary directory %s: %s",
-                        self.filename, tempfile.gettempdir(), exc.strerror or exc)
         self.close()
-        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        raise HTTPError(507 if full else 503, "No room to store the upload; try again later.") from None
+        raise _no_room(exc, "upload of %r" % (self.filename,)) from None
 
     def save(self, path: str) -> None:
         """Store the content at ``path``, with the mode ``open(path, "wb")`` would give it (the

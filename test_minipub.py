@@ -293,14 +293,20 @@ def test_expect_100_continue(serve):
             data += sock.recv(4096)
 
 
-def test_expect_100_not_sent_when_body_is_not_read(serve):
+def test_expect_100_is_answered_by_the_poll_role_and_413_at_once_over_the_limit(serve):
+    """The poll role reads the body before the application runs (issue 11): it asks for it with 100
+    as it starts; a declared length over server.max_request_body_size gets 413 and no 100."""
     def app(environ, start_response):
         start_response("403 Forbidden", [("Content-Type", "text/plain")])
         return [b"no"]
-    server = serve(app)
-    raw = exchange(server.port, b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 99\r\nExpect: 100-continue\r\n\r\n")
-    assert raw.startswith(b"HTTP/1.1 403") and b"100 Continue" not in raw
-    assert b"Connection: close" in raw
+    server = serve(app, max_request_body_size=1000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 99\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"x" * 99 + b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert [status for status, _, _ in responses(recv_until_close(sock)[0])] == [403, 403]
+    raw = exchange(server.port, b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\nExpect: 100-continue\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 413") and b"100 Continue" not in raw
 
 
 def test_unread_body_is_drained_or_connection_closed(serve):
@@ -311,9 +317,9 @@ def test_unread_body_is_drained_or_connection_closed(serve):
     small = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nGET /x"
     got = responses(exchange(server.port, small + b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
     assert [body for _, _, body in got] == [b"/a", b"/b"]  # the body never became a request
-    big = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100000
-    got = responses(exchange(server.port, big))
-    assert len(got) == 1 and got[0][1]["connection"] == "close"
+    big = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3000000\r\n\r\n" + b"GET /x" * 500000
+    got = responses(exchange(server.port, big + b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    assert [body for _, _, body in got] == [b"/a", b"/b"]  # nor a body spooled beyond body_buffer_size
 
 
 def test_absolute_form_target(serve):
@@ -340,18 +346,16 @@ def test_framing_error_answers_once_and_closes(serve, bad):
     assert got[0][1]["connection"] == "close"
 
 
-def test_framing_error_in_body_closes_even_if_app_catches_it(serve):
+def test_framing_error_in_body_is_answered_before_the_app_runs(serve):
+    called = []
+
     def app(environ, start_response):
-        try:
-            environ["wsgi.input"].read()
-        except minipub.ProtocolError:
-            pass
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"caught"]
+        called.append(environ["PATH_INFO"])
+        return hello_app(environ, start_response)
     server = serve(app)
     bad = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX"
     got = responses(exchange(server.port, bad + b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"))
-    assert [body for _, _, body in got] == [b"caught"]
+    assert [status for status, _, _ in got] == [400] and called == []  # the poll role decodes bodies
 
 
 def test_small_response_is_one_write(serve, monkeypatch):
@@ -534,18 +538,13 @@ def _get_over(port, tls=None, path=b"/"):
 def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records, secure):
     """2,000 connect-and-reset cycles (a reset inside wrap_socket() used to kill an HTTPS server),
     then resets mid-ClientHello or mid-head, after the handshake, mid-body and mid-response."""
-    entered = threading.Event()
-
     def app(environ, start_response):
-        if environ["PATH_INFO"] == "/upload":
-            entered.set()
-            environ["wsgi.input"].read()
         if environ["PATH_INFO"] == "/stream":
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return (b"x" * 65536 for _ in range(1000))
         return hello_app(environ, start_response)
     tls = tls if secure else None
-    # body_buffer_size below the upload's length: the body streams to the application, which is reading it
+    # body_buffer_size below the upload's length: the poll role spools it to a temporary file
     server = serve(app, thread_pool=2, body_buffer_size=1000, **(_tls_options(tls) if secure else {}))
     port, fds, started = server.port, _fd_count(), time.monotonic()
     for _ in range(2000):
@@ -556,10 +555,9 @@ def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records
     _rst(sock)
     if secure:
         _rst(_connect(port, tls))  # after a complete handshake
-    entered.clear()
     sock = _connect(port, tls)
-    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"b" * 100)
-    assert entered.wait(5)
+    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"b" * 2000)
+    assert wait_until(lambda: any(c.body.file for c in list(server._poll.timers["body"])), timeout=5)
     _rst(sock)
     sock = _connect(port, tls)
     sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -3381,22 +3379,23 @@ def test_upload_limits_413(serve, tmp_path, tmpdir_uploads):
     assert os.listdir(tmpdir_uploads) == []
 
 
-def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads, caplog):
-    port = serve(upload_app(tmp_path, {"request.upload_spool_size": 1024}), thread_pool=1).port
+def test_upload_disconnect_frees_the_spooled_body_at_once(serve, tmp_path, tmpdir_uploads, caplog):
+    """An upload over body_buffer_size is spooled by the poll role; the client goes: its buffer and
+    temporary file are freed at once, and the application never saw it."""
+    server = serve(upload_app(tmp_path, {"request.upload_spool_size": 1024}), thread_pool=1,
+                   body_buffer_size=64 * 1024)
     head = (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
             b"Content-Length: 50000000\r\n\r\n"
             b'--B\r\nContent-Disposition: form-data; name="f"; filename="f.bin"\r\n\r\n')
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(head + b"x" * 500000)
-        deadline = time.monotonic() + 10
-        while not os.listdir(tmpdir_uploads):  # the upload has reached the disk
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    deadline = time.monotonic() + 10
-    while os.listdir(tmpdir_uploads):  # ... and is gone once the client is
-        assert time.monotonic() < deadline, os.listdir(tmpdir_uploads)
-        time.sleep(0.01)
-    assert curl_body("http://127.0.0.1:%d/up" % port) == b"{}"  # one worker: the first request is over
+        poll = server._poll
+        assert wait_until(lambda: any(c.body.size >= 500000 for c in list(poll.timers["body"])), 10)
+        body = next(iter(poll.timers["body"])).body
+        assert body.file is not None and body.parts is None  # on disk beyond body_buffer_size
+    assert wait_until(lambda: body.file.closed and not server._conns, 2)
+    assert os.listdir(tmpdir_uploads) == []
+    assert curl_body("http://127.0.0.1:%d/up" % server.port) == b"{}"  # one worker, and it is free
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a gone client is no handler bug
 
 
@@ -3808,20 +3807,20 @@ def test_session_lock_released_when_the_handler_raises_or_the_client_goes(serve)
         @minipub.expose
         def upload(self):
             minipub.session["n"] = 0
-            return minipub.request.body.read()  # the client vanishes while this waits
+            return minipub.request.body.read()
     app = minipub.Application(Root())
     b = Browser(app)
     b.get("/")
     assert b.get("/?fail=1")[0] == 500
     assert store.held == {}  # checked first: a lock left held would make the next request wait for ever
     assert b.get("/") == (200, "2")  # the crashed request saved nothing
-    port = serve(app, body_buffer_size=1000).port  # a larger body streams to the handler (issue 11)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    server = serve(app, body_buffer_size=1000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nCookie: session_id=%s\r\nContent-Length: 100000\r\n"
                      b"\r\npartial" % b.jar["session_id"].encode())
-        assert wait_until(lambda: store.held, 5)  # the handler holds the session's lock
-    assert wait_until(lambda: not store.held, 5)  # released when the client went
-    assert b.get("/") == (200, "3")
+        assert wait_until(lambda: server._poll.timers["body"], 5)  # the poll role reads the body (issue 11)
+    assert wait_until(lambda: not server._conns, 5)  # the client went: the handler never ran, no lock taken
+    assert not store.held and b.get("/") == (200, "3")
 
 
 def test_session_cookie_attributes_http_https_and_trusted_proxy(serve, tls):
@@ -5813,7 +5812,7 @@ def test_hostile_resets_at_every_point_cost_nothing(error_records):
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return stream()
         return hello_app(environ, start_response)
-    # body_buffer_size below the uploads' length: their bodies stream to the application, which reads them
+    # body_buffer_size below the uploads' length: the poll role spools them to temporary files
     server = minipub.Server(app, "127.0.0.1", 0, thread_pool=2, body_buffer_size=1000).start()
     port, ok = server.port, h_get(b"/", b"Connection: close\r\n")
     try:
@@ -5823,12 +5822,12 @@ def test_hostile_resets_at_every_point_cost_nothing(error_records):
             sock.sendall(b"GET / HTTP/1.1\r\nHo")  # mid-head
             _rst(sock)
             for path in (b"/upload", b"/raw-upload"):  # mid-body, framework and bare WSGI
-                entered.clear()
                 sock = socket.create_connection(("127.0.0.1", port))
                 sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-                             b"Content-Type: application/octet-stream\r\n\r\n" + b"b" * 100)
-                assert entered.wait(5)
+                             b"Content-Type: application/octet-stream\r\n\r\n" + b"b" * 2000)
+                assert wait_until(lambda: any(c.body.file for c in list(server._poll.timers["body"])), 5)
                 _rst(sock)
+            assert not entered.is_set()  # an application never sees a body that is not all there
             closed.clear()
             sock = socket.create_connection(("127.0.0.1", port))
             sock.sendall(h_get(b"/stream"))
