@@ -430,6 +430,10 @@ class _ClientGone(Exception):
     """The peer closed or reset the connection; nothing more can be sent."""
 
 
+class _Overflow(_ClientGone):
+    """Over server.max_unsent_bytes: 503 if none of the response went yet, else the connection closes."""
+
+
 # ===========================================================================
 # Server: accept, poll, workers
 # Contract: all socket I/O lives in this section, in three roles behind the
@@ -584,14 +588,15 @@ class _Conn:
         except OSError:
             raise _ClientGone() from None
         if sent < len(data):
-            self.queue(memoryview(data)[sent:])
+            self.queue(memoryview(data)[sent:], sent > 0)
 
-    def queue(self, data) -> None:
-        """Output for the poll role's flush: in memory up to _OUT_MEMORY, then in a temporary file."""
+    def queue(self, data, went: bool = True) -> None:
+        """Output for the poll role's flush: in memory up to _OUT_MEMORY, then in a temporary file.
+        _Overflow over server.max_unsent_bytes (``went``: some of this output was sent)."""
         server, size = self.server, len(data)
         with server._unsent_lock:
             if server._unsent + size > server.config["server.max_unsent_bytes"]:
-                raise _ClientGone()
+                raise _Overflow(went)
             server._unsent += size
         if self.spill is None and sum(len(item) for item in self.out if type(item) is bytes) + size > _OUT_MEMORY:
             import tempfile
@@ -603,11 +608,16 @@ class _Conn:
         self.spill.write(data)
         self.spill.flush()
 
-    def flush(self) -> bool:
-        """Send queued output until the socket would block; True if any went.  OSError: gone."""
+    def flush(self):
+        """Send queued output until the socket would block; True if any went, None if none went
+        and TLS must read first (a key update, a renegotiation).  OSError: gone."""
         progress = False
         while self.out:
             item = self.out[0]
+            if type(item) is tuple:  # (exchange, environ): its response is all sent
+                self.out.popleft()
+                item[0].log(item[1])
+                continue
             try:
                 if type(item) is bytes:
                     sent = self.sock.send(item)
@@ -615,8 +625,8 @@ class _Conn:
                     sent = self.sock.send(os.pread(item[0], min(item[2], _RECV), item[1]))
                 else:
                     sent = os.sendfile(self.sock.fileno(), item[0], item[1], min(item[2], GiB))
-            except self.want:
-                return progress
+            except self.want as exc:  # SSLWantReadError: select() must wait to read, not to write
+                return progress or (None if type(exc).__name__ == "SSLWantReadError" else False)
             progress = True
             if type(item) is bytes:
                 self.release(sent)
@@ -676,11 +686,20 @@ class _Conn:
         return count
 
     def discard(self) -> None:
-        """Free what is queued: the memory, the temporary file, the file descriptors we dup()ed."""
+        """Free what is queued: the memory, the temporary file, the file descriptors we dup()ed;
+        a response cut short is logged with what was sent of it."""
+        unsent = counted = 0
         for item in self.out:
-            if type(item) is list and not item[3]:
-                os.close(item[0])
-        self.release(sum(len(i) if type(i) is bytes else i[2] if i[3] else 0 for i in self.out))
+            if type(item) is tuple:
+                item[0].sent = max(0, item[0].sent - unsent)  # (its head and chunk framing counted)
+                item[0].log(item[1])
+            elif type(item) is bytes:
+                unsent, counted = unsent + len(item), counted + len(item)
+            else:
+                unsent, counted = unsent + item[2], counted + (item[2] if item[3] else 0)
+                if not item[3]:
+                    os.close(item[0])
+        self.release(counted)
         self.out.clear()
         if self.spill is not None:
             self.spill.close()
@@ -1096,6 +1115,8 @@ class _PollRole:
             self.rewait(conn)
         elif progress:
             self.wait(conn, "write")  # the deadline counts from the last progress
+        elif progress is None:
+            self._watch(conn, selectors.EVENT_READ)  # readable() flushes again: no busy loop
 
     def rewait(self, conn):
         """A served connection comes back: to wait for its next request, to linger, or to close."""
@@ -2118,7 +2139,10 @@ class _Exchange:
             if self.input is not _NO_BODY:
                 self.input.close()  # and its temporary file
         if self.server._access:
-            self.log(environ)
+            if self.conn.out:
+                self.conn.out.append((self, environ))  # logged by flush() once all of it went
+            else:
+                self.log(environ)
         return not self.close
 
     def fail(self, status: int, message: str):
@@ -2255,7 +2279,13 @@ class _Exchange:
         head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
                                                           _date_cache[1] if _date_cache[0] == now else _now_date())
         self.headers_sent = True
-        self.conn.send(head.encode("latin-1") + self.frame(first))
+        try:
+            self.conn.send(head.encode("latin-1") + self.frame(first))
+        except _Overflow as exc:
+            if exc.args[0]:
+                raise
+            self.headers_sent, self.sent = False, 0  # none of it went: an answer can still be given
+            raise ProtocolError(503, "Too much output is waiting for slow clients; try again later.") from None
 
     def log(self, environ):
         """A Common Log Format line; the "combined" formatter appends Referer and User-Agent."""

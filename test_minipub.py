@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import shutil
 import socket
 import struct
@@ -427,6 +428,121 @@ def test_a_non_reader_that_disconnects_frees_its_buffer_and_file_at_once(serve):
     assert spill is not None and server._unsent > 0  # in memory up to its bound, the rest on disk
     sock.close()
     assert wait_until(lambda: spill.closed and server._unsent == 0 and not server._conns, timeout=2)
+
+
+_LOG_LINE = re.compile(r'127\.0\.0\.1 - - \[[^]]+\] "GET (/\w*) HTTP/1\.1" (\d+) (\d+|-)')
+
+
+def test_access_log_is_written_when_the_response_is_sent_with_the_bytes_sent(serve, tmp_path, restore_logging):
+    log = tmp_path / "access.log"
+    minipub.configure_logging(minipub.make_config({"log.screen": False, "log.access_file": str(log)}))
+    server = serve(_slow_clients_app, thread_pool=1)
+    lines = lambda: [_LOG_LINE.fullmatch(line).groups() for line in log.read_text().splitlines()]  # noqa: E731
+    reader, gone = _non_reader(server.port), _non_reader(server.port)
+    assert wait_until(lambda: len(server._poll.timers["write"]) == 2, timeout=10)
+    assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
+    assert wait_until(lambda: lines() == [("/", "200", "6")])  # queued responses are not logged yet
+    gone.close()  # cut short: logged with the bytes that went, not the 8 MB queued
+    assert wait_until(lambda: len(lines()) == 2)
+    assert lines()[1][:2] == ("/big", "200") and int(lines()[1][2]) < len(BIG)
+    reader.settimeout(20)  # reads it all: logged once the last byte went
+    got = b""
+    while not got.endswith(b"0\r\n\r\n"):
+        got += reader.recv(1 << 20)
+    assert wait_until(lambda: len(lines()) == 3) and lines()[2] == ("/big", "200", str(len(BIG)))
+    reader.close()
+
+
+def test_over_max_unsent_bytes_a_response_partly_sent_is_cut_by_a_close(serve):
+    """Issue 11: the bound on queued output is never an OOM; the client sees a body cut short."""
+    done = threading.Event()
+
+    def app(environ, start_response):
+        def stream():
+            try:
+                for i in range(0, len(BIG), 65536):
+                    yield BIG[i:i + 65536]
+            finally:
+                done.set()  # closed early: the server stopped asking
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return stream() if environ["PATH_INFO"] == "/big" else [b"hello "]
+    server = serve(app, thread_pool=1, max_unsent_bytes=1 << 20)
+    sock = _non_reader(server.port)
+    assert done.wait(10) and 0 < server._unsent <= 1 << 20  # what was queued still goes, then the close
+    raw, closed = recv_until_close(sock, timeout=10)
+    assert closed and raw.startswith(b"HTTP/1.1 200 OK") and len(raw) < len(BIG) and not raw.endswith(b"0\r\n\r\n")
+    assert wait_until(lambda: server._unsent == 0 and not server._conns, timeout=5)
+    assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
+
+
+def test_over_max_unsent_bytes_a_response_none_of_which_went_is_a_503():
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [BIG]
+    server = minipub.Server(app, "127.0.0.1", 0, max_unsent_bytes=len(BIG) // 2)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    for size in (65536, 1):  # the client reads nothing: our side is full
+        try:
+            while True:
+                ours.send(b"f" * size)
+        except BlockingIOError:
+            pass
+    conn = minipub._Conn(ours, ("127.0.0.1", 1), server)
+    conn.parser = minipub.RequestParser(server.config)
+    conn.parser.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.head = conn.parser.next_event()
+    assert minipub._Exchange(server, conn).run() is False  # the connection closes after the 503
+    assert 0 < server._unsent < 1000  # only the 503 is queued
+    got = bytearray()
+    for _ in range(1000):
+        try:
+            got += peer.recv(1 << 20)
+        except BlockingIOError:
+            if not conn.flush() and not conn.out:
+                break
+    answer = bytes(got).lstrip(b"f")
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Connection: close\r\n" in answer and b"200 OK" not in answer
+    conn.discard()
+    assert server._unsent == 0
+    ours.close()
+    peer.close()
+
+
+def test_a_tls_write_that_needs_a_read_waits_to_read_without_spinning():
+    """SSLWantReadError from a send (a TLS key update or renegotiation): select() for reading."""
+    import ssl
+
+    class WantsRead:  # an SSLSocket whose next write needs a read first
+        def __init__(self, sock):
+            self.sock, self.sends = sock, 0
+
+        def fileno(self):
+            return self.sock.fileno()
+
+        def send(self, data):
+            self.sends += 1
+            raise ssl.SSLWantReadError()
+    server = minipub.Server(hello_app, "127.0.0.1", 0)
+    server._prepare()
+    ours, peer = socket.socketpair()
+    try:
+        conn = minipub._Conn(WantsRead(ours), ("127.0.0.1", 1), server)
+        conn.want = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        conn.out.append(b"queued")
+        poll = server._poll
+        poll.wait(conn, "write")
+        assert [events for key, events in poll.sel.select(0) if key.data is conn] == [selectors.EVENT_WRITE]
+        poll.flush(conn)
+        assert conn.registered == selectors.EVENT_READ and conn.kind == "write" and conn.sock.sends == 1
+        assert not [key for key, _ in poll.sel.select(0) if key.data is conn]  # writable, but not woken
+        peer.send(b"x")  # the TLS record it waits for
+        assert [key for key, _ in poll.sel.select(1) if key.data is conn]
+    finally:
+        server._poll.close_all(True)
+        ours.close()
+        peer.close()
 
 
 def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path):
