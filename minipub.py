@@ -673,6 +673,23 @@ class _Conn:
             return True
         return False  # a fast sender: more next round, until the linger deadline
 
+    def handshake(self):
+        """One non-blocking step of the TLS handshake: the selector events to wait for next
+        (EVENT_READ once done: ``handshaking`` is False then), or None if it failed."""
+        import ssl
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            return selectors.EVENT_WRITE
+        except (ssl.SSLError, OSError) as exc:
+            if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
+                _answer_plain_http(self.sock.fileno())
+            return None
+        self.handshaking = False
+        return selectors.EVENT_READ
+
     def sendfile(self, file, offset: int, count: int) -> int:
         """Queue ``count`` bytes of ``file`` from ``offset`` and send what goes at once; returns the
         count queued: fewer when the file shrank (log rotation, a deploy)."""
@@ -718,13 +735,20 @@ class _Body:
 
     __slots__ = ("parts", "file", "size", "since")
 
-    def __init__(self):
+    def __init__(self, conn):
         self.parts, self.file, self.size, self.since = [], None, 0, time.monotonic()
+        if conn.head.expect_continue and not conn.parser.buffer:
+            # RFC 9110 10.1.1: "A server MAY omit sending a 100 (Continue) response if it has
+            # already received some or all of the content for the corresponding request"
+            conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def fill(self, conn, limit: int) -> bool:
+    def fill(self, conn, config: dict) -> bool:
         """Take what the parser holds and the socket has; True once the body is complete.
-        ProtocolError: bad framing or over the size limit; _ClientGone: the peer closed."""
-        parser, rounds = conn.parser, 64  # recv() calls per turn: a fast upload starves nobody
+        HTTPError: bad framing, over the size limit (413), too slow (408) or no room on disk;
+        _ClientGone: the peer closed.  After socket_timeout of grace the body must have kept
+        min_body_rate; the poll role's "body" deadline catches one that stops."""
+        parser, limit = conn.parser, config["server.body_buffer_size"]
+        rounds = 64  # recv() calls per turn: a fast upload starves nobody
         while True:
             event = parser.next_event(_RECV)
             while event is not NEED_DATA:
@@ -739,6 +763,9 @@ class _Body:
             try:
                 data = conn.sock.recv(_RECV)
             except conn.want:
+                rate, grace = config["server.min_body_rate"], config["server.socket_timeout"]
+                if rate and self.size < (time.monotonic() - self.since - grace) * rate:
+                    raise ProtocolError(408, "The request body arrived too slowly.\n") from None
                 return False
             except OSError:
                 raise _ClientGone() from None
@@ -880,14 +907,61 @@ class _Acceptor:
             self.poll.sel.unregister(self.sock)
 
 
-class _PollRole:
+class _Waits:
+    """The poll role's bookkeeping of waiting connections: their selector registrations, and per
+    kind of wait an insertion-ordered dict of deadlines (one timeout per kind, so the first entry
+    is the soonest).  A connection being served waits for nothing: ``conn.kind`` is None."""
+
+    def __init__(self, config):
+        self.sel = selectors.DefaultSelector()
+        self.timers = {"head": {}, "keepalive": {}, "linger": {}, "write": {}, "body": {}}
+        self.timeouts = {"head": config["server.head_timeout"], "linger": _LINGER_CLOSE,
+                         "keepalive": config["server.keepalive_timeout"],
+                         "write": config["server.socket_timeout"], "body": config["server.socket_timeout"]}
+        self.soonest = float("inf")  # no deadline is earlier; may be early (entries left), never late
+
+    def wait(self, conn, kind, now: float = None):
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+        conn.deadline = deadline = (now or time.monotonic()) + self.timeouts[kind]
+        self.timers[kind][conn], conn.kind, self.soonest = deadline, kind, min(self.soonest, deadline)
+        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
+        if conn.registered != events:
+            self._watch(conn, events)
+
+    def _watch(self, conn, events):
+        if not conn.registered:
+            self.sel.register(conn.sock, events, conn)
+        elif conn.registered != events:
+            self.sel.modify(conn.sock, events, conn)
+        conn.registered = events
+
+    def unwait(self, conn):
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+            conn.kind = conn.deadline = None
+
+    def expire(self) -> None:
+        """Every connection whose deadline passed goes to ``expired()`` (the poll role's)."""
+        now, due = time.monotonic(), []
+        for kind, timers in self.timers.items():
+            for conn, deadline in timers.items():
+                if deadline > now:
+                    break
+                due.append((kind, conn))
+        for kind, conn in due:
+            self.expired(kind, conn)
+        self.soonest = min([next(iter(timers.values())) for timers in self.timers.values() if timers],
+                           default=float("inf"))
+
+
+class _PollRole(_Waits):
     """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
 
     Only the worker holding the pool's poll lock calls in; serving threads hand connections back
     through ``handback`` and the wake pipe.  A connection stays in the selector while it is
     served (no epoll_ctl() per request) unless another round sees it readable meanwhile.  Each
-    waiting kind has an insertion-ordered dict of deadlines: one timeout per kind, so the first
-    entry is the soonest.  An OSError on one connection (ssl.SSLError too) drops it at debug
+    waiting kind has its deadlines (see _Waits).  An OSError on one connection (ssl.SSLError too) drops it at debug
     level, any other exception is logged with its traceback and drops it too.
     """
 
@@ -895,18 +969,13 @@ class _PollRole:
         self.server, self.config = server, server.config
         self.ssl_context, self.want = server.ssl_context, server._want
         self.conns, self.pending, self.handback = server._conns, server._pending, deque()
-        self.timers = {"head": {}, "keepalive": {}, "linger": {}, "write": {}, "body": {}}
-        self.timeouts = {"head": self.config["server.head_timeout"], "linger": _LINGER_CLOSE,
-                         "keepalive": self.config["server.keepalive_timeout"],
-                         "write": self.config["server.socket_timeout"], "body": self.config["server.socket_timeout"]}
-        self.soonest = float("inf")  # no deadline is earlier; may be early (entries left), never late
+        _Waits.__init__(self, server.config)
         self.sleeping = self.broken = False
         self.polls, self.pool = 0, None
         self.drain_until = None  # set by the first round after stop()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
-        self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, _WAKE)
         self.listener = _Acceptor(self, sock)
 
@@ -946,7 +1015,7 @@ class _PollRole:
         while self.handback:
             self.rewait(self.handback.popleft())
         if time.monotonic() >= self.soonest:
-            self._expire()
+            self.expire()
         if self.listener.paused is not None:
             self.listener.retry()
         if self.server._stopping and self._drained():
@@ -960,28 +1029,6 @@ class _PollRole:
             _logger().error("internal error handling the connection from %s; closed it", conn.addr, exc_info=exc)
         self.drop(conn)
 
-    # -- waiting connections --------------------------------------------------
-    def wait(self, conn, kind, now: float = None):
-        if conn.kind is not None:
-            del self.timers[conn.kind][conn]
-        conn.deadline = deadline = (now or time.monotonic()) + self.timeouts[kind]
-        self.timers[kind][conn], conn.kind, self.soonest = deadline, kind, min(self.soonest, deadline)
-        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
-        if conn.registered != events:
-            self._watch(conn, events)
-
-    def _watch(self, conn, events):
-        if not conn.registered:
-            self.sel.register(conn.sock, events, conn)
-        elif conn.registered != events:
-            self.sel.modify(conn.sock, events, conn)
-        conn.registered = events
-
-    def unwait(self, conn):
-        if conn.kind is not None:
-            del self.timers[conn.kind][conn]
-            conn.kind = conn.deadline = None
-
     def readable(self, conn, idle="head"):
         """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
         if conn.kind == "write":
@@ -990,8 +1037,13 @@ class _PollRole:
             return self._body(conn)
         if conn.lingering:
             return self.drop(conn) if conn.drained() else None
-        if conn.handshaking and not self._handshake(conn):
-            return
+        if conn.handshaking:
+            events = conn.handshake()
+            if events is None:
+                return self.drop(conn)
+            self._watch(conn, events)
+            if conn.handshaking:
+                return
         try:
             outcome = self._pull(conn)
         except ProtocolError as err:
@@ -1016,20 +1068,14 @@ class _PollRole:
         head = conn.head
         if not (head.content_length or head.chunked):
             return self.pending.append(conn)  # this thread serves it once its poll round ends
-        conn.body = _Body()
-        if head.expect_continue and not conn.parser.buffer:
-            # RFC 9110 10.1.1: "A server MAY omit sending a 100 (Continue) response if it has
-            # already received some or all of the content for the corresponding request"
-            conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.body = _Body(conn)
         self._body(conn)
 
     def _body(self, conn):
-        """Read more of the body; a worker gets the request once it is whole.  min_body_rate is
-        kept here: after socket_timeout of grace the body must have come at that rate, or 408."""
-        body = conn.body
+        """Read more of the body; a worker gets the request once it is whole."""
         try:
-            done = body.fill(conn, self.config["server.body_buffer_size"])
-        except HTTPError as err:  # ProtocolError (framing, 413), or no room on disk
+            done = conn.body.fill(conn, self.config)
+        except HTTPError as err:  # ProtocolError (framing, 413, 408), or no room on disk
             self.unwait(conn)
             return self.reject(conn, err)
         except _ClientGone:
@@ -1037,11 +1083,7 @@ class _PollRole:
         if done:
             self.unwait(conn)
             return self.pending.append(conn)
-        now, rate = time.monotonic(), self.config["server.min_body_rate"]
-        if rate and body.size < (now - body.since - self.config["server.socket_timeout"]) * rate:
-            self.unwait(conn)
-            return self.reject(conn, ProtocolError(408, "The request body arrived too slowly.\n"))
-        self.wait(conn, "body", now)
+        self.wait(conn, "body")
 
     def _pull(self, conn):
         """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
@@ -1061,22 +1103,6 @@ class _PollRole:
                 return conn
             if not (conn.tls and conn.sock.pending()):
                 return NEED_DATA  # TLS may hold decrypted bytes that select() cannot see
-
-    def _handshake(self, conn):
-        import ssl
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            return self._watch(conn, selectors.EVENT_READ)
-        except ssl.SSLWantWriteError:
-            return self._watch(conn, selectors.EVENT_WRITE)
-        except (ssl.SSLError, OSError) as exc:
-            if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
-                _answer_plain_http(conn.sock.fileno())
-            return self.drop(conn)
-        conn.handshaking = False
-        self._watch(conn, selectors.EVENT_READ)
-        return True
 
     def reject(self, conn, err):
         """Answer an error from the poll role (non-blocking), then close without a reset."""
@@ -1144,25 +1170,15 @@ class _PollRole:
         soonest = self.soonest if paused is None else min(self.soonest, paused[0])
         return None if soonest == float("inf") else max(0.0, soonest - time.monotonic())
 
-    def _expire(self):
-        now = time.monotonic()
-        for kind, timers in self.timers.items():
-            expired = []
-            for conn, deadline in timers.items():
-                if deadline > now:
-                    break
-                expired.append(conn)
-            for conn in expired:
-                try:
-                    if kind == "body" or (kind == "head" and conn.parser.buffer):
-                        self.unwait(conn)
-                        self.reject(conn, ProtocolError(408, "Request %s took too long.\n" % kind))
-                    else:
-                        self.drop(conn)
-                except Exception as exc:
-                    self.failed(conn, exc)
-        self.soonest = min([next(iter(timers.values())) for timers in self.timers.values() if timers],
-                           default=float("inf"))
+    def expired(self, kind, conn):
+        try:
+            if kind == "body" or (kind == "head" and conn.parser.buffer):
+                self.unwait(conn)
+                self.reject(conn, ProtocolError(408, "Request %s took too long.\n" % kind))
+            else:
+                self.drop(conn)
+        except Exception as exc:
+            self.failed(conn, exc)
 
     # -- stopping -------------------------------------------------------------
     def _drain(self):

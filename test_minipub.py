@@ -395,28 +395,48 @@ def _non_reader(port, path=b"/big"):
 
 
 def test_slow_uploads_and_non_reading_clients_hold_no_worker(serve):
-    """Issue 11: with two workers, 50 uploads stalled mid-body and 20 clients that do not read an
-    8 MB answer leave the server answering at once; a reader that speeds up gets every byte."""
-    server = serve(_slow_clients_app, thread_pool=2)
-    uploaders = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(50)]
-    for sock in uploaders:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+    """Issue 11: with two workers, 50 uploads stalled mid-body (small, over body_buffer_size and
+    spooled to disk, chunked, after 100 Continue) and 20 clients that do not read an 8 MB answer
+    leave the server answering at once; a client that speeds up gets every byte."""
+    server = serve(_slow_clients_app, thread_pool=2, body_buffer_size=64 * 1024)
+    big = b"".join(b"%07d\n" % i for i in range(20000))  # 160 kB: over body_buffer_size
+    starts = {"small": b"Content-Length: 1000\r\n\r\nab", "large": b"Content-Length: %d\r\n\r\n%s" % (
+        len(big), big[:100000]), "chunked": b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s" % (len(big), big[:100000]),
+        "continue": b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(big)}
+    uploaders = {}
+    for i in range(50):
+        kind = list(starts)[i % 4]
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n" + starts[kind])
+        uploaders.setdefault(kind, []).append(sock)
     readers = [_non_reader(server.port) for _ in range(20)]
     poll = server._poll
     assert wait_until(lambda: len(poll.timers["body"]) == 50 and len(poll.timers["write"]) == 20, timeout=20)
+    assert sum(conn.body.file is not None for conn in poll.timers["body"]) == 25  # large and chunked: on disk
     for _ in range(5):
         started = time.monotonic()
         got = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert got.endswith(b"hello ") and time.monotonic() - started < 1.0
-    uploaders[0].sendall(b"c" * 998)  # the rest of one body: answered like any other
-    assert uploaders[0].recv(65536).endswith(b"hello ab" + b"c" * 998)
+    rests = {"small": b"c" * 998, "large": big[100000:], "chunked": big[100000:] + b"\r\n0\r\n\r\n"}
+    bodies = {"small": b"ab" + b"c" * 998, "large": big, "chunked": big, "continue": big}
+    for kind, sock in [(kind, socks[0]) for kind, socks in uploaders.items()]:  # the rest of one body each
+        if kind == "continue":
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(big)
+        else:
+            sock.sendall(rests[kind])
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = responses(recv_until_close(sock, timeout=20)[0])
+        assert [(status, body) for status, _, body in got] == [(200, b"hello " + bodies[kind]), (200, b"hello ")]
     fast = readers.pop()
     fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # pipelined behind it
     got = responses(recv_until_close(fast, timeout=20)[0])
     assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
-    for sock in uploaders + readers:
+    files = [conn.body.file for conn in poll.timers["body"] if conn.body.file is not None]
+    for sock in [sock for socks in uploaders.values() for sock in socks] + readers:
         sock.close()
     assert wait_until(lambda: not server._conns and server._unsent == 0, timeout=10)
+    assert files and all(file.closed for file in files)  # gone with their clients
 
 
 def test_a_non_reader_that_disconnects_frees_its_buffer_and_file_at_once(serve):
