@@ -1060,14 +1060,13 @@ class _PollRole(_Waits):
             self.drop(conn)
         elif conn.late:
             self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
+        elif conn.head.content_length or conn.head.chunked:
+            self.start_body(conn)
         else:
-            self.dispatch(conn)
+            self.pending.append(conn)  # this thread serves it once its poll round ends
 
-    def dispatch(self, conn):
-        """A request head is in: its body is read here first (see _Body), then a worker serves it."""
-        head = conn.head
-        if not (head.content_length or head.chunked):
-            return self.pending.append(conn)  # this thread serves it once its poll round ends
+    def start_body(self, conn):
+        """A request with a body: read here first (see _Body), then a worker serves it."""
         conn.body = _Body(conn)
         self._body(conn)
 
@@ -1149,10 +1148,13 @@ class _PollRole(_Waits):
         try:
             if conn.out:
                 self.wait(conn, "write")  # what it queued goes first, then the rest of this
-            elif conn.ready:
+            elif conn.ready:  # a pipelined request read while its output was queued, or with a body
                 conn.ready = False
                 self.unwait(conn)
-                self.dispatch(conn)  # a pipelined request read while its output was queued
+                if conn.head.content_length or conn.head.chunked:
+                    self.start_body(conn)
+                else:
+                    self.pending.append(conn)
             elif conn.closing or (self.server._stopping and not conn.lingering):
                 self.drop(conn)  # idle between requests while stopping: closing is allowed
             elif conn.lingering:
