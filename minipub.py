@@ -960,9 +960,9 @@ class _PollRole(_Waits):
 
     Only the worker holding the pool's poll lock calls in; serving threads hand connections back
     through ``handback`` and the wake pipe.  A connection stays in the selector while it is
-    served (no epoll_ctl() per request) unless another round sees it readable meanwhile.  Each
-    waiting kind has its deadlines (see _Waits).  An OSError on one connection (ssl.SSLError too) drops it at debug
-    level, any other exception is logged with its traceback and drops it too.
+    served (no epoll_ctl() per request) unless another round sees it readable meanwhile; the
+    deadlines of waiting ones are kept by _Waits.  An OSError on one connection (ssl.SSLError
+    too) drops it at debug level, any other exception is logged with its traceback and drops it too.
     """
 
     def __init__(self, server, sock):
@@ -1572,17 +1572,6 @@ def _fit_descriptors(config: dict) -> None:
     if config["server.max_connections"] > most:
         _logger().info("server.max_connections lowered to %d: this process may open %d files", most, soft)
         config["server.max_connections"] = most
-
-
-def _wait_for(sock, write: bool, timeout: float) -> bool:
-    """Wait until ``sock`` is readable (or writable); False on timeout."""
-    if not write and getattr(sock, "pending", None) and sock.pending():
-        return True  # TLS already holds decrypted bytes
-    if not hasattr(select, "poll"):  # Windows has no poll(); there select() has no FD_SETSIZE ceiling
-        return any(select.select([] if write else [sock], [sock] if write else [], [], max(timeout, 0.0))[:2])
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT if write else select.POLLIN)
-    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def make_ssl_context(config: dict):
