@@ -1060,7 +1060,7 @@ class _PollRole(_Waits):
             self.drop(conn)
         elif conn.late:
             self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
-        elif conn.head.content_length or conn.head.chunked:
+        elif conn.parser.in_body:
             self.start_body(conn)
         else:
             self.pending.append(conn)  # this thread serves it once its poll round ends
@@ -1151,7 +1151,7 @@ class _PollRole(_Waits):
             elif conn.ready:  # a pipelined request read while its output was queued, or with a body
                 conn.ready = False
                 self.unwait(conn)
-                if conn.head.content_length or conn.head.chunked:
+                if conn.parser.in_body:
                     self.start_body(conn)
                 else:
                     self.pending.append(conn)
@@ -1347,8 +1347,8 @@ class _Pool:
                 except ProtocolError as err:
                     _Exchange(server, conn).fail(err.status, err.message)
                     break
-                if head is NEED_DATA or conn.out or head.content_length or head.chunked:  # a body: read
-                    keep, conn.ready = True, head is not NEED_DATA  # by the poll role (rewait)
+                if head is NEED_DATA or conn.out or parser.in_body:  # a body is read by the poll role
+                    keep, conn.ready = True, head is not NEED_DATA
                     if conn.ready:
                         conn.head = head
                     break
@@ -2118,8 +2118,7 @@ class _Exchange:
     def __init__(self, server, conn):
         self.server, self.conn, self.head = server, conn, conn.head
         self.no_body, self.close = self.head.method == "HEAD", not self.head.keep_alive
-        body, conn.body = conn.body, None  # read whole by the poll role (_Body)
-        self.input = _NO_BODY if body is None else body.input()
+        self.input = _NO_BODY if conn.body is None else conn.body.input()  # read whole by the poll role
 
     def run(self) -> bool:
         """Serve the request; True if the connection may carry another."""
@@ -2145,6 +2144,7 @@ class _Exchange:
         finally:
             if self.input is not _NO_BODY:
                 self.input.close()  # and its temporary file
+                self.conn.body = None
         if self.server._access:
             if self.conn.out:
                 self.conn.out.append((self, environ))  # logged by flush() once all of it went
