@@ -748,6 +748,8 @@ class _Body:
         _ClientGone: the peer closed.  After socket_timeout of grace the body must have kept
         min_body_rate; the poll role's "body" deadline catches one that stops."""
         parser, limit = conn.parser, config["server.body_buffer_size"]
+        if (conn.head.content_length or 0) > limit:
+            limit = 0  # bound for the disk: no copy in memory on the way
         rounds = 64  # recv() calls per turn: a fast upload starves nobody
         while True:
             event = parser.next_event(_RECV)
