@@ -565,10 +565,13 @@ def test_a_tls_write_that_needs_a_read_waits_to_read_without_spinning():
         peer.close()
 
 
-def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path):
-    """wsgi.file_wrapper to a client that reads late: queued as (file, offset, length), no worker held."""
-    path = tmp_path / "big.bin"
+def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path, restore_logging):
+    """wsgi.file_wrapper to a client that reads late: queued as (file, offset, length), no worker held;
+    its access-log line is written once the poll role has sent the last byte."""
+    path, log = tmp_path / "big.bin", tmp_path / "access.log"
     path.write_bytes(BIG)
+    minipub.configure_logging(minipub.make_config({"log.screen": False, "log.access_file": str(log)}))
+    lines = lambda: [m.groups() for m in map(_LOG_LINE.fullmatch, log.read_text().splitlines()) if m]  # noqa: E731
 
     def app(environ, start_response):
         if environ["PATH_INFO"] != "/big":
@@ -580,9 +583,11 @@ def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path):
     assert wait_until(lambda: len(server._poll.timers["write"]) == 1, timeout=10)
     assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
     assert server._unsent == 0  # a file costs a descriptor, not memory
+    assert wait_until(lambda: lines() == [("/", "200", "6")])
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     got = responses(recv_until_close(sock, timeout=20)[0])
     assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
+    assert wait_until(lambda: lines()[1:] == [("/big", "200", str(len(BIG))), ("/", "200", "6")])
 
 
 def test_blocking_handlers_run_concurrently_up_to_the_pool(serve):
