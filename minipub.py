@@ -112,7 +112,8 @@ LIMITS = (
     ("server.max_header_count", 100, "fields", "more header fields: 431"),
     ("server.max_request_body_size", 1 * GiB, "bytes", "larger body: 413; 0 means unlimited"),
     ("server.body_buffer_size", 1 * MiB, "bytes",
-     "a request body up to this size is read by the poll role before a worker sees the request"),
+     "request bodies are read whole by the poll role before a worker sees them: this much in memory, "
+     "the rest in a temporary file"),
     ("server.max_unsent_bytes", 512 * MiB, "bytes",
      "response bytes queued for slow readers, all connections together (memory, then temporary files)"),
     ("server.max_chunk_extension_size", 1 * KiB, "bytes",
@@ -429,8 +430,8 @@ class _ClientGone(Exception):
     """The peer closed or reset the connection; nothing more can be sent."""
 
 
-class _Timeout(Exception):
-    """The peer was too slow for a deadline; answered with 408 when possible."""
+class _Overflow(_ClientGone):
+    """Over server.max_unsent_bytes: 503 if none of the response went yet, else the connection closes."""
 
 
 # ===========================================================================
@@ -438,7 +439,7 @@ class _Timeout(Exception):
 # Contract: all socket I/O lives in this section, in three roles behind the
 # Server facade.  _PollRole owns the selector, the listening socket (through
 # its _Acceptor) and every connection that is *waiting*: for its TLS
-# handshake, the rest of its head, a body up to server.body_buffer_size, its
+# handshake, the rest of its head, its whole body (see _Body), its
 # next keep-alive request, a slow reader to take queued output, or a
 # lingering close; it never blocks on a client, so slow or silent clients
 # cost a file descriptor, not a thread.  _Pool is the bounded set of workers:
@@ -462,7 +463,6 @@ _RECV = 256 * KiB
 # socket is half-closed and read for this long before closing: closing at once
 # would send a reset, which can destroy the answer before the client reads it.
 _LINGER_CLOSE = 2.0
-_DRAIN = 64 * KiB  # an unread request body up to this size is read and dropped, not closed on
 _OUT_MEMORY = 256 * KiB  # unsent output of one connection kept in memory; more goes to its temporary file
 _PAUSE = 0.25  # out of descriptors: accept is tried again after this long, or once a connection closed
 _FD_SPARE = 64  # descriptors kept beyond server.max_connections: listener, selector, the app's files
@@ -567,7 +567,7 @@ class _Conn:
     so TLS goes through the same paths."""
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
+                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "body")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
@@ -575,26 +575,7 @@ class _Conn:
         self.want = server._want
         self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
         self.lingering = self.late = self.registered = self.closing = self.ready = False  # late: 503 (stopping)
-        self.server, self.out, self.spill, self.since = server, deque(), None, 0.0  # out: see queue()
-
-    def recv(self, timeout: float) -> None:
-        """Feed the parser more bytes within ``timeout`` seconds."""
-        deadline = None
-        while True:
-            try:
-                data = self.sock.recv(_RECV)
-                break
-            except self.want as exc:
-                now = time.monotonic()
-                deadline = deadline or now + timeout
-                write = type(exc).__name__ == "SSLWantWriteError"  # TLS must send before it can read
-                if now >= deadline or not _wait_for(self.sock, write, deadline - now):
-                    raise _Timeout() from None
-            except OSError:
-                raise _ClientGone() from None
-        if not data:
-            raise _ClientGone()
-        self.parser.receive(data)
+        self.server, self.out, self.spill, self.body = server, deque(), None, None  # out: see queue()
 
     def send(self, data) -> None:
         """Send ``data`` now as far as the socket takes it; queue() the rest: a worker never waits."""
@@ -607,14 +588,15 @@ class _Conn:
         except OSError:
             raise _ClientGone() from None
         if sent < len(data):
-            self.queue(memoryview(data)[sent:])
+            self.queue(memoryview(data)[sent:], sent > 0)
 
-    def queue(self, data) -> None:
-        """Output for the poll role's flush: in memory up to _OUT_MEMORY, then in a temporary file."""
+    def queue(self, data, went: bool = True) -> None:
+        """Output for the poll role's flush: in memory up to _OUT_MEMORY, then in a temporary file.
+        _Overflow over server.max_unsent_bytes (``went``: some of this output was sent)."""
         server, size = self.server, len(data)
         with server._unsent_lock:
             if server._unsent + size > server.config["server.max_unsent_bytes"]:
-                raise _ClientGone()
+                raise _Overflow(went)
             server._unsent += size
         if self.spill is None and sum(len(item) for item in self.out if type(item) is bytes) + size > _OUT_MEMORY:
             import tempfile
@@ -626,11 +608,16 @@ class _Conn:
         self.spill.write(data)
         self.spill.flush()
 
-    def flush(self) -> bool:
-        """Send queued output until the socket would block; True if any went.  OSError: gone."""
+    def flush(self):
+        """Send queued output until the socket would block; True if any went, None if none went
+        and TLS must read first (a key update, a renegotiation).  OSError: gone."""
         progress = False
         while self.out:
             item = self.out[0]
+            if type(item) is tuple:  # (exchange, environ): its response is all sent
+                self.out.popleft()
+                item[0].log(item[1])
+                continue
             try:
                 if type(item) is bytes:
                     sent = self.sock.send(item)
@@ -638,8 +625,8 @@ class _Conn:
                     sent = self.sock.send(os.pread(item[0], min(item[2], _RECV), item[1]))
                 else:
                     sent = os.sendfile(self.sock.fileno(), item[0], item[1], min(item[2], GiB))
-            except self.want:
-                return progress
+            except self.want as exc:  # SSLWantReadError: select() must wait to read, not to write
+                return progress or (None if type(exc).__name__ == "SSLWantReadError" else False)
             progress = True
             if type(item) is bytes:
                 self.release(sent)
@@ -686,6 +673,23 @@ class _Conn:
             return True
         return False  # a fast sender: more next round, until the linger deadline
 
+    def handshake(self):
+        """One non-blocking step of the TLS handshake: the selector events to wait for next
+        (EVENT_READ once done: ``handshaking`` is False then), or None if it failed."""
+        import ssl
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            return selectors.EVENT_WRITE
+        except (ssl.SSLError, OSError) as exc:
+            if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
+                _answer_plain_http(self.sock.fileno())
+            return None
+        self.handshaking = False
+        return selectors.EVENT_READ
+
     def sendfile(self, file, offset: int, count: int) -> int:
         """Queue ``count`` bytes of ``file`` from ``offset`` and send what goes at once; returns the
         count queued: fewer when the file shrank (log rotation, a deploy)."""
@@ -699,15 +703,116 @@ class _Conn:
         return count
 
     def discard(self) -> None:
-        """Free what is queued: the memory, the temporary file, the file descriptors we dup()ed."""
+        """Free what is queued: the memory, the temporary file, the file descriptors we dup()ed;
+        a response cut short is logged with what was sent of it."""
+        unsent = counted = 0
         for item in self.out:
-            if type(item) is list and not item[3]:
-                os.close(item[0])
-        self.release(sum(len(i) if type(i) is bytes else i[2] if i[3] else 0 for i in self.out))
+            if type(item) is tuple:
+                item[0].sent = max(0, item[0].sent - unsent)  # (its head and chunk framing counted)
+                item[0].log(item[1])
+            elif type(item) is bytes:
+                unsent, counted = unsent + len(item), counted + len(item)
+            else:
+                unsent, counted = unsent + item[2], counted + (item[2] if item[3] else 0)
+                if not item[3]:
+                    os.close(item[0])
+        self.release(counted)
         self.out.clear()
         if self.spill is not None:
             self.spill.close()
             self.spill = None
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+
+
+class _Body:
+    """A request body, read by the poll role before a worker is given the request; then wsgi.input.
+
+    The connection's parser decodes it (Content-Length or chunked) into memory up to
+    server.body_buffer_size and beyond that into a temporary file, so an upload of any size and
+    speed costs a descriptor, not a thread.  The application reads a BytesIO or the file."""
+
+    __slots__ = ("parts", "file", "size", "since")
+
+    def __init__(self, conn):
+        self.parts, self.file, self.size, self.since = [], None, 0, time.monotonic()
+        if conn.head.expect_continue and not conn.parser.buffer:
+            # RFC 9110 10.1.1: "A server MAY omit sending a 100 (Continue) response if it has
+            # already received some or all of the content for the corresponding request"
+            conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def fill(self, conn, config: dict) -> bool:
+        """Take what the parser holds and the socket has; True once the body is complete.
+        HTTPError: bad framing, over the size limit (413), too slow (408) or no room on disk;
+        _ClientGone: the peer closed.  After socket_timeout of grace the body must have kept
+        min_body_rate; the poll role's "body" deadline catches one that stops."""
+        parser, limit = conn.parser, config["server.body_buffer_size"]
+        if (conn.head.content_length or 0) > limit:
+            limit = 0  # bound for the disk: no copy in memory on the way
+        rounds = 64  # recv() calls per turn: a fast upload starves nobody
+        while True:
+            event = parser.next_event(_RECV)
+            while event is not NEED_DATA:
+                if event is END_OF_MESSAGE:
+                    self.add(b"", limit)  # the end: rewind the file
+                    return True
+                self.add(event, limit)
+                event = parser.next_event(_RECV)
+            rounds -= 1
+            if rounds < 0 and not (conn.tls and conn.sock.pending()):  # select() sees the rest
+                return False
+            try:
+                data = conn.sock.recv(_RECV)
+            except conn.want:
+                rate, grace = config["server.min_body_rate"], config["server.socket_timeout"]
+                if rate and self.size < (time.monotonic() - self.since - grace) * rate:
+                    raise ProtocolError(408, "The request body arrived too slowly.\n") from None
+                return False
+            except OSError:
+                raise _ClientGone() from None
+            if not data:
+                raise _ClientGone()
+            parser.buffer += data
+
+    def add(self, data: bytes, limit: int) -> None:
+        """Keep ``data``; empty at the end of the body.  HTTPError 507 or 503: no room on disk."""
+        self.size += len(data)
+        try:
+            if self.file is None and self.size > limit:
+                import tempfile
+                self.file = tempfile.TemporaryFile()
+                self.file.writelines(self.parts)
+                self.parts = None
+            if self.file is None:
+                self.parts.append(data)
+            elif data:
+                self.file.write(data)
+            else:
+                self.file.seek(0)  # flushes it: a full disk may show only now
+        except OSError as exc:
+            raise _no_room(exc, "a request body of %d bytes" % self.size) from None
+
+    def input(self):
+        """The whole body as a stream for wsgi.input: read(), readline(), iteration."""
+        if self.file is None:
+            import io  # always loaded by the interpreter
+            return io.BytesIO(b"".join(self.parts))
+        return self.file
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _no_room(exc: OSError, what: str) -> HTTPError:
+    """A temporary file could not be written: 507 if its directory is full, else 503; logged."""
+    import errno
+    import tempfile
+    _logger().error("%s refused: cannot write to the temporary directory %s: %s",
+                    what, tempfile.gettempdir(), exc.strerror or exc)
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return HTTPError(507 if full else 503, "No room to store the upload; try again later.")
 
 
 class _Acceptor:
@@ -804,33 +909,75 @@ class _Acceptor:
             self.poll.sel.unregister(self.sock)
 
 
-class _PollRole:
+class _Waits:
+    """The poll role's bookkeeping of waiting connections: their selector registrations, and per
+    kind of wait an insertion-ordered dict of deadlines (one timeout per kind, so the first entry
+    is the soonest).  A connection being served waits for nothing: ``conn.kind`` is None."""
+
+    def __init__(self, config):
+        self.sel = selectors.DefaultSelector()
+        self.timers = {"head": {}, "keepalive": {}, "linger": {}, "write": {}, "body": {}}
+        self.timeouts = {"head": config["server.head_timeout"], "linger": _LINGER_CLOSE,
+                         "keepalive": config["server.keepalive_timeout"],
+                         "write": config["server.socket_timeout"], "body": config["server.socket_timeout"]}
+        self.soonest = float("inf")  # no deadline is earlier; may be early (entries left), never late
+
+    def wait(self, conn, kind, now: float = None):
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+        conn.deadline = deadline = (now or time.monotonic()) + self.timeouts[kind]
+        self.timers[kind][conn], conn.kind, self.soonest = deadline, kind, min(self.soonest, deadline)
+        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
+        if conn.registered != events:
+            self._watch(conn, events)
+
+    def _watch(self, conn, events):
+        if not conn.registered:
+            self.sel.register(conn.sock, events, conn)
+        elif conn.registered != events:
+            self.sel.modify(conn.sock, events, conn)
+        conn.registered = events
+
+    def unwait(self, conn):
+        if conn.kind is not None:
+            del self.timers[conn.kind][conn]
+            conn.kind = conn.deadline = None
+
+    def expire(self) -> None:
+        """Every connection whose deadline passed goes to ``expired()`` (the poll role's)."""
+        now, due = time.monotonic(), []
+        for kind, timers in self.timers.items():
+            for conn, deadline in timers.items():
+                if deadline > now:
+                    break
+                due.append((kind, conn))
+        for kind, conn in due:
+            self.expired(kind, conn)
+        self.soonest = min([next(iter(timers.values())) for timers in self.timers.values() if timers],
+                           default=float("inf"))
+
+
+class _PollRole(_Waits):
     """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
 
     Only the worker holding the pool's poll lock calls in; serving threads hand connections back
     through ``handback`` and the wake pipe.  A connection stays in the selector while it is
-    served (no epoll_ctl() per request) unless another round sees it readable meanwhile.  Each
-    waiting kind has an insertion-ordered dict of deadlines: one timeout per kind, so the first
-    entry is the soonest.  An OSError on one connection (ssl.SSLError too) drops it at debug
-    level, any other exception is logged with its traceback and drops it too.
+    served (no epoll_ctl() per request) unless another round sees it readable meanwhile; the
+    deadlines of waiting ones are kept by _Waits.  An OSError on one connection (ssl.SSLError
+    too) drops it at debug level, any other exception is logged with its traceback and drops it too.
     """
 
     def __init__(self, server, sock):
         self.server, self.config = server, server.config
         self.ssl_context, self.want = server.ssl_context, server._want
         self.conns, self.pending, self.handback = server._conns, server._pending, deque()
-        self.timers = {"head": {}, "keepalive": {}, "linger": {}, "write": {}, "body": {}}
-        self.timeouts = {"head": self.config["server.head_timeout"], "linger": _LINGER_CLOSE,
-                         "keepalive": self.config["server.keepalive_timeout"],
-                         "write": self.config["server.socket_timeout"], "body": self.config["server.socket_timeout"]}
-        self.soonest = float("inf")  # no deadline is earlier; may be early (entries left), never late
+        _Waits.__init__(self, server.config)
         self.sleeping = self.broken = False
         self.polls, self.pool = 0, None
         self.drain_until = None  # set by the first round after stop()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
-        self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, _WAKE)
         self.listener = _Acceptor(self, sock)
 
@@ -870,7 +1017,7 @@ class _PollRole:
         while self.handback:
             self.rewait(self.handback.popleft())
         if time.monotonic() >= self.soonest:
-            self._expire()
+            self.expire()
         if self.listener.paused is not None:
             self.listener.retry()
         if self.server._stopping and self._drained():
@@ -884,28 +1031,6 @@ class _PollRole:
             _logger().error("internal error handling the connection from %s; closed it", conn.addr, exc_info=exc)
         self.drop(conn)
 
-    # -- waiting connections --------------------------------------------------
-    def wait(self, conn, kind, now: float = None):
-        if conn.kind is not None:
-            del self.timers[conn.kind][conn]
-        conn.deadline = deadline = (now or time.monotonic()) + self.timeouts[kind]
-        self.timers[kind][conn], conn.kind, self.soonest = deadline, kind, min(self.soonest, deadline)
-        events = selectors.EVENT_WRITE if kind == "write" else selectors.EVENT_READ
-        if conn.registered != events:
-            self._watch(conn, events)
-
-    def _watch(self, conn, events):
-        if not conn.registered:
-            self.sel.register(conn.sock, events, conn)
-        elif conn.registered != events:
-            self.sel.modify(conn.sock, events, conn)
-        conn.registered = events
-
-    def unwait(self, conn):
-        if conn.kind is not None:
-            del self.timers[conn.kind][conn]
-            conn.kind = conn.deadline = None
-
     def readable(self, conn, idle="head"):
         """Read from ``conn``; ``idle`` names its deadline if nothing has come yet."""
         if conn.kind == "write":
@@ -914,8 +1039,13 @@ class _PollRole:
             return self._body(conn)
         if conn.lingering:
             return self.drop(conn) if conn.drained() else None
-        if conn.handshaking and not self._handshake(conn):
-            return
+        if conn.handshaking:
+            events = conn.handshake()
+            if events is None:
+                return self.drop(conn)
+            self._watch(conn, events)
+            if conn.handshaking:
+                return
         try:
             outcome = self._pull(conn)
         except ProtocolError as err:
@@ -932,34 +1062,29 @@ class _PollRole:
             self.drop(conn)
         elif conn.late:
             self.reject(conn, HTTPError(503, "The server is shutting down; try again in a moment.\n"))
-        elif conn.head.content_length and not conn.head.expect_continue and (
-                len(conn.parser.buffer) < conn.head.content_length <= self.config["server.body_buffer_size"]):
-            # (with Expect: 100-continue the application decides whether the body is wanted, and
-            # the worker answers 100 when it starts reading: an unwanted body is never asked for)
-            conn.since = time.monotonic()
-            self._body(conn)
+        elif conn.parser.in_body:
+            self.start_body(conn)
         else:
             self.pending.append(conn)  # this thread serves it once its poll round ends
 
+    def start_body(self, conn):
+        """A request with a body: read here first (see _Body), then a worker serves it."""
+        conn.body = _Body(conn)
+        self._body(conn)
+
     def _body(self, conn):
-        """A body up to server.body_buffer_size is read here: a slow upload holds no worker."""
-        parser, length = conn.parser, conn.head.content_length
+        """Read more of the body; a worker gets the request once it is whole."""
         try:
-            while len(parser.buffer) < length:
-                data = conn.sock.recv(_RECV)
-                if not data:
-                    return self.drop(conn)
-                parser.buffer += data
-        except self.want:
-            pass
-        except OSError:
-            return self.drop(conn)
-        now, rate, have = time.monotonic(), self.config["server.min_body_rate"], len(parser.buffer)
-        if have >= length or (rate and have < (now - conn.since - self.config["server.socket_timeout"]) * rate):
-            self.unwait(conn)  # all there; or min_body_rate, after socket_timeout of grace, is not kept
-            return self.pending.append(conn) if have >= length else self.reject(
-                conn, ProtocolError(408, "The request body arrived too slowly.\n"))
-        self.wait(conn, "body", now)
+            done = conn.body.fill(conn, self.config)
+        except HTTPError as err:  # ProtocolError (framing, 413, 408), or no room on disk
+            self.unwait(conn)
+            return self.reject(conn, err)
+        except _ClientGone:
+            return self.drop(conn)  # the buffer and temporary file go with it, at once
+        if done:
+            self.unwait(conn)
+            return self.pending.append(conn)
+        self.wait(conn, "body")
 
     def _pull(self, conn):
         """Read what the socket has: NEED_DATA, None (closed) or conn (head complete)."""
@@ -979,22 +1104,6 @@ class _PollRole:
                 return conn
             if not (conn.tls and conn.sock.pending()):
                 return NEED_DATA  # TLS may hold decrypted bytes that select() cannot see
-
-    def _handshake(self, conn):
-        import ssl
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            return self._watch(conn, selectors.EVENT_READ)
-        except ssl.SSLWantWriteError:
-            return self._watch(conn, selectors.EVENT_WRITE)
-        except (ssl.SSLError, OSError) as exc:
-            if getattr(exc, "reason", "") == "HTTP_REQUEST":  # plain HTTP on the TLS port
-                _answer_plain_http(conn.sock.fileno())
-            return self.drop(conn)
-        conn.handshaking = False
-        self._watch(conn, selectors.EVENT_READ)
-        return True
 
     def reject(self, conn, err):
         """Answer an error from the poll role (non-blocking), then close without a reset."""
@@ -1033,16 +1142,21 @@ class _PollRole:
             self.rewait(conn)
         elif progress:
             self.wait(conn, "write")  # the deadline counts from the last progress
+        elif progress is None:
+            self._watch(conn, selectors.EVENT_READ)  # readable() flushes again: no busy loop
 
     def rewait(self, conn):
         """A served connection comes back: to wait for its next request, to linger, or to close."""
         try:
             if conn.out:
                 self.wait(conn, "write")  # what it queued goes first, then the rest of this
-            elif conn.ready:
+            elif conn.ready:  # a pipelined request read while its output was queued, or with a body
                 conn.ready = False
                 self.unwait(conn)
-                self.pending.append(conn)  # a pipelined request read while its output was queued
+                if conn.parser.in_body:
+                    self.start_body(conn)
+                else:
+                    self.pending.append(conn)
             elif conn.closing or (self.server._stopping and not conn.lingering):
                 self.drop(conn)  # idle between requests while stopping: closing is allowed
             elif conn.lingering:
@@ -1060,25 +1174,15 @@ class _PollRole:
         soonest = self.soonest if paused is None else min(self.soonest, paused[0])
         return None if soonest == float("inf") else max(0.0, soonest - time.monotonic())
 
-    def _expire(self):
-        now = time.monotonic()
-        for kind, timers in self.timers.items():
-            expired = []
-            for conn, deadline in timers.items():
-                if deadline > now:
-                    break
-                expired.append(conn)
-            for conn in expired:
-                try:
-                    if kind == "body" or (kind == "head" and conn.parser.buffer):
-                        self.unwait(conn)
-                        self.reject(conn, ProtocolError(408, "Request %s took too long.\n" % kind))
-                    else:
-                        self.drop(conn)
-                except Exception as exc:
-                    self.failed(conn, exc)
-        self.soonest = min([next(iter(timers.values())) for timers in self.timers.values() if timers],
-                           default=float("inf"))
+    def expired(self, kind, conn):
+        try:
+            if kind == "body" or (kind == "head" and conn.parser.buffer):
+                self.unwait(conn)
+                self.reject(conn, ProtocolError(408, "Request %s took too long.\n" % kind))
+            else:
+                self.drop(conn)
+        except Exception as exc:
+            self.failed(conn, exc)
 
     # -- stopping -------------------------------------------------------------
     def _drain(self):
@@ -1245,7 +1349,7 @@ class _Pool:
                 except ProtocolError as err:
                     _Exchange(server, conn).fail(err.status, err.message)
                     break
-                if head is NEED_DATA or conn.out:
+                if head is NEED_DATA or conn.out or parser.in_body:  # a body is read by the poll role
                     keep, conn.ready = True, head is not NEED_DATA
                     if conn.ready:
                         conn.head = head
@@ -1470,17 +1574,6 @@ def _fit_descriptors(config: dict) -> None:
     if config["server.max_connections"] > most:
         _logger().info("server.max_connections lowered to %d: this process may open %d files", most, soft)
         config["server.max_connections"] = most
-
-
-def _wait_for(sock, write: bool, timeout: float) -> bool:
-    """Wait until ``sock`` is readable (or writable); False on timeout."""
-    if not write and getattr(sock, "pending", None) and sock.pending():
-        return True  # TLS already holds decrypted bytes
-    if not hasattr(select, "poll"):  # Windows has no poll(); there select() has no FD_SETSIZE ceiling
-        return any(select.select([] if write else [sock], [sock] if write else [], [], max(timeout, 0.0))[:2])
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT if write else select.POLLIN)
-    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def make_ssl_context(config: dict):
@@ -2006,100 +2099,9 @@ class FileWrapper:
             yield block
 
 
-class _Input:
-    """wsgi.input: the request body, pulled from the socket only on demand."""
-
-    def __init__(self, exchange):
-        self.ex, self.pending, self.received = exchange, b"", 0
-        self.started, self.continue_sent = None, False
-
-    def _next(self, max_bytes: int) -> bytes:
-        ex, parser = self.ex, self.ex.conn.parser
-        if not parser.in_body:
-            return b""
-        if ex.head.expect_continue and not self.continue_sent and not ex.headers_sent:
-            self.continue_sent = True
-            ex.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while True:
-            event = parser.next_event(max_bytes)
-            if event is END_OF_MESSAGE:
-                return b""
-            if event is not NEED_DATA:
-                self.received += len(event)
-                return event
-            ex.conn.recv(self._timeout())
-
-    def _timeout(self) -> float:
-        """Per-receive wait: socket_timeout, shortened to keep min_body_rate."""
-        config = self.ex.server.config
-        grace, rate = config["server.socket_timeout"], config["server.min_body_rate"]
-        now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        if not rate:
-            return grace
-        left = self.started + grace + self.received / rate - now
-        if left <= 0:
-            raise _Timeout()
-        return min(grace, left)
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = sys.maxsize
-        parts, have = [], 0
-        if self.pending:
-            parts.append(self.pending[:size])
-            have, self.pending = len(parts[0]), self.pending[size:]
-        while have < size:
-            chunk = self._next(min(size - have, _RECV))
-            if not chunk:
-                break
-            parts.append(chunk)
-            have += len(chunk)
-        return b"".join(parts)
-
-    def readline(self, size: int = -1) -> bytes:
-        pending = self.pending
-        while True:
-            nl = pending.find(b"\n")
-            if nl >= 0 or 0 <= size <= len(pending):
-                break
-            chunk = self._next(_RECV)
-            if not chunk:
-                break
-            pending += chunk
-        cut = len(pending) if nl < 0 else nl + 1
-        cut = size if 0 <= size < cut else cut
-        line, self.pending = pending[:cut], pending[cut:]
-        return line
-
-    def readlines(self, hint: int = -1) -> list:
-        lines, total = [], 0
-        for line in self:
-            lines.append(line)
-            total += len(line)
-            if 0 < hint <= total:
-                break
-        return lines
-
-    def __iter__(self):
-        return iter(self.readline, b"")
-
-    def drain(self, limit: int) -> bool:
-        """Discard up to ``limit`` unread body bytes; True if the body ended."""
-        self.pending = b""
-        while limit > 0:
-            chunk = self._next(min(limit, _RECV))
-            if not chunk:
-                return not self.ex.conn.parser.in_body
-            limit -= len(chunk)
-        return self._next(1) == b"" and not self.ex.conn.parser.in_body
-
-
 class _NoBody:
     """wsgi.input of a request without a body: at its end, and stateless, so one serves every thread."""
 
-    continue_sent = False
     read = readline = lambda self, size=-1: b""  # noqa: E731
     readlines = lambda self, hint=-1: []  # noqa: E731
     __iter__ = lambda self: iter(())  # noqa: E731
@@ -2118,7 +2120,7 @@ class _Exchange:
     def __init__(self, server, conn):
         self.server, self.conn, self.head = server, conn, conn.head
         self.no_body, self.close = self.head.method == "HEAD", not self.head.keep_alive
-        self.input = _Input(self) if conn.parser.in_body else _NO_BODY
+        self.input = _NO_BODY if conn.body is None else conn.body.input()  # read whole by the poll role
 
     def run(self) -> bool:
         """Serve the request; True if the connection may carry another."""
@@ -2131,24 +2133,25 @@ class _Exchange:
                 finally:
                     if hasattr(result, "close"):
                         result.close()
-            except (_ClientGone, _Timeout, ProtocolError):
+            except (_ClientGone, ProtocolError):
                 raise
             except BaseException:  # SystemExit or KeyboardInterrupt from a handler too: the server's
                 # own stop is a flag, never an exception, so this one request fails, not the worker
                 _logger().exception("Error answering %s %s", self.head.method, self.head.target)
                 self.fail(500, None)
-            if self.conn.parser.error is not None:
-                return False  # the app swallowed a framing error: never read on
-            if self.conn.parser.in_body:
-                self.finish_body()
         except _ClientGone:
             return False
-        except _Timeout:
-            self.fail(408, "The request body arrived too slowly.")
         except ProtocolError as err:
             self.fail(err.status, err.message)
+        finally:
+            if self.input is not _NO_BODY:
+                self.input.close()  # and its temporary file
+                self.conn.body = None
         if self.server._access:
-            self.log(environ)
+            if self.conn.out:
+                self.conn.out.append((self, environ))  # logged by flush() once all of it went
+            else:
+                self.log(environ)
         return not self.close
 
     def fail(self, status: int, message: str):
@@ -2274,9 +2277,8 @@ class _Exchange:
                 self.chunked, extra = True, "Transfer-Encoding: chunked\r\n"
             else:
                 self.close = True  # HTTP/1.0 without a length: the close ends the body
-        parser = self.conn.parser
-        if self.server._stopping or parser.error is not None or (parser.in_body and self.unread_body_too_big()):
-            self.close = True  # stopping, after a framing error, or a body we will not drain
+        if self.server._stopping:
+            self.close = True
         if self.close:
             extra += "Connection: close\r\n"
         elif self.head.version == "HTTP/1.0":
@@ -2286,21 +2288,13 @@ class _Exchange:
         head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
                                                           _date_cache[1] if _date_cache[0] == now else _now_date())
         self.headers_sent = True
-        self.conn.send(head.encode("latin-1") + self.frame(first))
-
-    def unread_body_too_big(self) -> bool:
-        """True if the rest of the request body (the caller checked there is one) will not be drained."""
-        parser = self.conn.parser
-        if self.head.expect_continue and not self.input.continue_sent:
-            return True  # we never asked for that body
-        return parser.body_left is not None and parser.body_left > _DRAIN
-
-    def finish_body(self):
-        """Make the connection ready for the next request (its body is unread), or mark it to close."""
-        if self.head.expect_continue and not self.input.continue_sent:
-            self.close = True  # we never asked for the body; don't wait for it
-        elif not self.close and not self.input.drain(_DRAIN):
-            self.close = True
+        try:
+            self.conn.send(head.encode("latin-1") + self.frame(first))
+        except _Overflow as exc:
+            if exc.args[0]:
+                raise
+            self.headers_sent, self.sent = False, 0  # none of it went: an answer can still be given
+            raise ProtocolError(503, "Too much output is waiting for slow clients; try again later.") from None
 
     def log(self, environ):
         """A Common Log Format line; the "combined" formatter appends Referer and User-Agent."""
@@ -2826,8 +2820,8 @@ class Application:
             # As CherryPy: a redirect or error page is finalized too (a session is saved on a redirect).
             _run_safely(req, "before_finalize")
             return resp.body
-        except (_ClientGone, _Timeout):
-            raise  # the server's business (close, or 408), not a handler bug
+        except _ClientGone:
+            raise  # the server's business (close), not a handler bug
         except Exception:
             return self.fail(req, resp)
         finally:
@@ -4898,13 +4892,8 @@ class Part:
 
     def _spool_failed(self, exc: OSError):
         """The temporary directory is full (507) or unusable (503): say which, keep nothing."""
-        import errno
-        import tempfile
-        _logger().error("upload of %r refused: cannot write to the temporary directory %s: %s",
-                        self.filename, tempfile.gettempdir(), exc.strerror or exc)
         self.close()
-        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        raise HTTPError(507 if full else 503, "No room to store the upload; try again later.") from None
+        raise _no_room(exc, "upload of %r" % (self.filename,)) from None
 
     def save(self, path: str) -> None:
         """Store the content at ``path``, with the mode ``open(path, "wb")`` would give it (the

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import shutil
 import socket
 import struct
@@ -293,14 +294,20 @@ def test_expect_100_continue(serve):
             data += sock.recv(4096)
 
 
-def test_expect_100_not_sent_when_body_is_not_read(serve):
+def test_expect_100_is_answered_by_the_poll_role_and_413_at_once_over_the_limit(serve):
+    """The poll role reads the body before the application runs (issue 11): it asks for it with 100
+    as it starts; a declared length over server.max_request_body_size gets 413 and no 100."""
     def app(environ, start_response):
         start_response("403 Forbidden", [("Content-Type", "text/plain")])
         return [b"no"]
-    server = serve(app)
-    raw = exchange(server.port, b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 99\r\nExpect: 100-continue\r\n\r\n")
-    assert raw.startswith(b"HTTP/1.1 403") and b"100 Continue" not in raw
-    assert b"Connection: close" in raw
+    server = serve(app, max_request_body_size=1000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 99\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"x" * 99 + b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert [status for status, _, _ in responses(recv_until_close(sock)[0])] == [403, 403]
+    raw = exchange(server.port, b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\nExpect: 100-continue\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 413") and b"100 Continue" not in raw
 
 
 def test_unread_body_is_drained_or_connection_closed(serve):
@@ -311,9 +318,9 @@ def test_unread_body_is_drained_or_connection_closed(serve):
     small = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nGET /x"
     got = responses(exchange(server.port, small + b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
     assert [body for _, _, body in got] == [b"/a", b"/b"]  # the body never became a request
-    big = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100000
-    got = responses(exchange(server.port, big))
-    assert len(got) == 1 and got[0][1]["connection"] == "close"
+    big = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3000000\r\n\r\n" + b"GET /x" * 500000
+    got = responses(exchange(server.port, big + b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    assert [body for _, _, body in got] == [b"/a", b"/b"]  # nor a body spooled beyond body_buffer_size
 
 
 def test_absolute_form_target(serve):
@@ -340,18 +347,16 @@ def test_framing_error_answers_once_and_closes(serve, bad):
     assert got[0][1]["connection"] == "close"
 
 
-def test_framing_error_in_body_closes_even_if_app_catches_it(serve):
+def test_framing_error_in_body_is_answered_before_the_app_runs(serve):
+    called = []
+
     def app(environ, start_response):
-        try:
-            environ["wsgi.input"].read()
-        except minipub.ProtocolError:
-            pass
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"caught"]
+        called.append(environ["PATH_INFO"])
+        return hello_app(environ, start_response)
     server = serve(app)
     bad = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX"
     got = responses(exchange(server.port, bad + b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"))
-    assert [body for _, _, body in got] == [b"caught"]
+    assert [status for status, _, _ in got] == [400] and called == []  # the poll role decodes bodies
 
 
 def test_small_response_is_one_write(serve, monkeypatch):
@@ -390,28 +395,48 @@ def _non_reader(port, path=b"/big"):
 
 
 def test_slow_uploads_and_non_reading_clients_hold_no_worker(serve):
-    """Issue 11: with two workers, 50 uploads stalled mid-body and 20 clients that do not read an
-    8 MB answer leave the server answering at once; a reader that speeds up gets every byte."""
-    server = serve(_slow_clients_app, thread_pool=2)
-    uploaders = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(50)]
-    for sock in uploaders:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+    """Issue 11: with two workers, 50 uploads stalled mid-body (small, over body_buffer_size and
+    spooled to disk, chunked, after 100 Continue) and 20 clients that do not read an 8 MB answer
+    leave the server answering at once; a client that speeds up gets every byte."""
+    server = serve(_slow_clients_app, thread_pool=2, body_buffer_size=64 * 1024)
+    big = b"".join(b"%07d\n" % i for i in range(20000))  # 160 kB: over body_buffer_size
+    starts = {"small": b"Content-Length: 1000\r\n\r\nab", "large": b"Content-Length: %d\r\n\r\n%s" % (
+        len(big), big[:100000]), "chunked": b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s" % (len(big), big[:100000]),
+        "continue": b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(big)}
+    uploaders = {}
+    for i in range(50):
+        kind = list(starts)[i % 4]
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n" + starts[kind])
+        uploaders.setdefault(kind, []).append(sock)
     readers = [_non_reader(server.port) for _ in range(20)]
     poll = server._poll
     assert wait_until(lambda: len(poll.timers["body"]) == 50 and len(poll.timers["write"]) == 20, timeout=20)
+    assert sum(conn.body.file is not None for conn in poll.timers["body"]) == 25  # large and chunked: on disk
     for _ in range(5):
         started = time.monotonic()
         got = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert got.endswith(b"hello ") and time.monotonic() - started < 1.0
-    uploaders[0].sendall(b"c" * 998)  # the rest of one body: answered like any other
-    assert uploaders[0].recv(65536).endswith(b"hello ab" + b"c" * 998)
+    rests = {"small": b"c" * 998, "large": big[100000:], "chunked": big[100000:] + b"\r\n0\r\n\r\n"}
+    bodies = {"small": b"ab" + b"c" * 998, "large": big, "chunked": big, "continue": big}
+    for kind, sock in [(kind, socks[0]) for kind, socks in uploaders.items()]:  # the rest of one body each
+        if kind == "continue":
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(big)
+        else:
+            sock.sendall(rests[kind])
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = responses(recv_until_close(sock, timeout=20)[0])
+        assert [(status, body) for status, _, body in got] == [(200, b"hello " + bodies[kind]), (200, b"hello ")]
     fast = readers.pop()
     fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # pipelined behind it
     got = responses(recv_until_close(fast, timeout=20)[0])
     assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
-    for sock in uploaders + readers:
+    files = [conn.body.file for conn in poll.timers["body"] if conn.body.file is not None]
+    for sock in [sock for socks in uploaders.values() for sock in socks] + readers:
         sock.close()
     assert wait_until(lambda: not server._conns and server._unsent == 0, timeout=10)
+    assert files and all(file.closed for file in files)  # gone with their clients
 
 
 def test_a_non_reader_that_disconnects_frees_its_buffer_and_file_at_once(serve):
@@ -425,10 +450,128 @@ def test_a_non_reader_that_disconnects_frees_its_buffer_and_file_at_once(serve):
     assert wait_until(lambda: spill.closed and server._unsent == 0 and not server._conns, timeout=2)
 
 
-def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path):
-    """wsgi.file_wrapper to a client that reads late: queued as (file, offset, length), no worker held."""
-    path = tmp_path / "big.bin"
+_LOG_LINE = re.compile(r'127\.0\.0\.1 - - \[[^]]+\] "GET (/\w*) HTTP/1\.1" (\d+) (\d+|-)')
+
+
+def test_access_log_is_written_when_the_response_is_sent_with_the_bytes_sent(serve, tmp_path, restore_logging):
+    log = tmp_path / "access.log"
+    minipub.configure_logging(minipub.make_config({"log.screen": False, "log.access_file": str(log)}))
+    server = serve(_slow_clients_app, thread_pool=1)
+    lines = lambda: [m.groups() for m in map(_LOG_LINE.fullmatch, log.read_text().splitlines()) if m]  # noqa: E731
+    reader, gone = _non_reader(server.port), _non_reader(server.port)
+    assert wait_until(lambda: len(server._poll.timers["write"]) == 2, timeout=10)
+    assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
+    assert wait_until(lambda: lines() == [("/", "200", "6")])  # queued responses are not logged yet
+    gone.close()  # cut short: logged with the bytes that went, not the 8 MB queued
+    assert wait_until(lambda: len(lines()) == 2)
+    assert lines()[1][:2] == ("/big", "200") and int(lines()[1][2]) < len(BIG)
+    reader.settimeout(20)  # reads it all: logged once the last byte went
+    got = b""
+    while not got.endswith(b"0\r\n\r\n"):
+        got += reader.recv(1 << 20)
+    assert wait_until(lambda: len(lines()) == 3) and lines()[2] == ("/big", "200", str(len(BIG)))
+    reader.close()
+
+
+def test_over_max_unsent_bytes_a_response_partly_sent_is_cut_by_a_close(serve):
+    """Issue 11: the bound on queued output is never an OOM; the client sees a body cut short."""
+    done = threading.Event()
+
+    def app(environ, start_response):
+        def stream():
+            try:
+                for i in range(0, len(BIG), 65536):
+                    yield BIG[i:i + 65536]
+            finally:
+                done.set()  # closed early: the server stopped asking
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return stream() if environ["PATH_INFO"] == "/big" else [b"hello "]
+    server = serve(app, thread_pool=1, max_unsent_bytes=1 << 20)
+    sock = _non_reader(server.port)
+    assert done.wait(10) and 0 < server._unsent <= 1 << 20  # what was queued still goes, then the close
+    raw, closed = recv_until_close(sock, timeout=10)
+    assert closed and raw.startswith(b"HTTP/1.1 200 OK") and len(raw) < len(BIG) and not raw.endswith(b"0\r\n\r\n")
+    assert wait_until(lambda: server._unsent == 0 and not server._conns, timeout=5)
+    assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
+
+
+def test_over_max_unsent_bytes_a_response_none_of_which_went_is_a_503():
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [BIG]
+    server = minipub.Server(app, "127.0.0.1", 0, max_unsent_bytes=len(BIG) // 2)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    for size in (65536, 1):  # the client reads nothing: our side is full
+        try:
+            while True:
+                ours.send(b"f" * size)
+        except BlockingIOError:
+            pass
+    conn = minipub._Conn(ours, ("127.0.0.1", 1), server)
+    conn.parser = minipub.RequestParser(server.config)
+    conn.parser.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.head = conn.parser.next_event()
+    assert minipub._Exchange(server, conn).run() is False  # the connection closes after the 503
+    assert 0 < server._unsent < 1000  # only the 503 is queued
+    got = bytearray()
+    for _ in range(1000):
+        try:
+            got += peer.recv(1 << 20)
+        except BlockingIOError:
+            if not conn.flush() and not conn.out:
+                break
+    answer = bytes(got).lstrip(b"f")
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Connection: close\r\n" in answer and b"200 OK" not in answer
+    conn.discard()
+    assert server._unsent == 0
+    ours.close()
+    peer.close()
+
+
+def test_a_tls_write_that_needs_a_read_waits_to_read_without_spinning():
+    """SSLWantReadError from a send (a TLS key update or renegotiation): select() for reading."""
+    import ssl
+
+    class WantsRead:  # an SSLSocket whose next write needs a read first
+        def __init__(self, sock):
+            self.sock, self.sends = sock, 0
+
+        def fileno(self):
+            return self.sock.fileno()
+
+        def send(self, data):
+            self.sends += 1
+            raise ssl.SSLWantReadError()
+    server = minipub.Server(hello_app, "127.0.0.1", 0)
+    server._prepare()
+    ours, peer = socket.socketpair()
+    try:
+        conn = minipub._Conn(WantsRead(ours), ("127.0.0.1", 1), server)
+        conn.want = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        conn.out.append(b"queued")
+        poll = server._poll
+        poll.wait(conn, "write")
+        assert [events for key, events in poll.sel.select(0) if key.data is conn] == [selectors.EVENT_WRITE]
+        poll.flush(conn)
+        assert conn.registered == selectors.EVENT_READ and conn.kind == "write" and conn.sock.sends == 1
+        assert not [key for key, _ in poll.sel.select(0) if key.data is conn]  # writable, but not woken
+        peer.send(b"x")  # the TLS record it waits for
+        assert [key for key, _ in poll.sel.select(1) if key.data is conn]
+    finally:
+        server._poll.close_all(True)
+        ours.close()
+        peer.close()
+
+
+def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path, restore_logging):
+    """wsgi.file_wrapper to a client that reads late: queued as (file, offset, length), no worker held;
+    its access-log line is written once the poll role has sent the last byte."""
+    path, log = tmp_path / "big.bin", tmp_path / "access.log"
     path.write_bytes(BIG)
+    minipub.configure_logging(minipub.make_config({"log.screen": False, "log.access_file": str(log)}))
+    lines = lambda: [m.groups() for m in map(_LOG_LINE.fullmatch, log.read_text().splitlines()) if m]  # noqa: E731
 
     def app(environ, start_response):
         if environ["PATH_INFO"] != "/big":
@@ -440,9 +583,11 @@ def test_a_file_for_a_non_reader_is_sent_from_the_poll_role(serve, tmp_path):
     assert wait_until(lambda: len(server._poll.timers["write"]) == 1, timeout=10)
     assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"hello ")
     assert server._unsent == 0  # a file costs a descriptor, not memory
+    assert wait_until(lambda: lines() == [("/", "200", "6")])
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     got = responses(recv_until_close(sock, timeout=20)[0])
     assert [(status, body) for status, _, body in got] == [(200, BIG), (200, b"hello ")]
+    assert wait_until(lambda: lines()[1:] == [("/big", "200", str(len(BIG))), ("/", "200", "6")])
 
 
 def test_blocking_handlers_run_concurrently_up_to_the_pool(serve):
@@ -534,18 +679,13 @@ def _get_over(port, tls=None, path=b"/"):
 def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records, secure):
     """2,000 connect-and-reset cycles (a reset inside wrap_socket() used to kill an HTTPS server),
     then resets mid-ClientHello or mid-head, after the handshake, mid-body and mid-response."""
-    entered = threading.Event()
-
     def app(environ, start_response):
-        if environ["PATH_INFO"] == "/upload":
-            entered.set()
-            environ["wsgi.input"].read()
         if environ["PATH_INFO"] == "/stream":
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return (b"x" * 65536 for _ in range(1000))
         return hello_app(environ, start_response)
     tls = tls if secure else None
-    # body_buffer_size below the upload's length: the body streams to the application, which is reading it
+    # body_buffer_size below the upload's length: the poll role spools it to a temporary file
     server = serve(app, thread_pool=2, body_buffer_size=1000, **(_tls_options(tls) if secure else {}))
     port, fds, started = server.port, _fd_count(), time.monotonic()
     for _ in range(2000):
@@ -556,10 +696,9 @@ def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records
     _rst(sock)
     if secure:
         _rst(_connect(port, tls))  # after a complete handshake
-    entered.clear()
     sock = _connect(port, tls)
-    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"b" * 100)
-    assert entered.wait(5)
+    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"b" * 2000)
+    assert wait_until(lambda: any(c.body.file for c in list(server._poll.timers["body"])), timeout=5)
     _rst(sock)
     sock = _connect(port, tls)
     sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -3381,22 +3520,23 @@ def test_upload_limits_413(serve, tmp_path, tmpdir_uploads):
     assert os.listdir(tmpdir_uploads) == []
 
 
-def test_upload_disconnect_leaves_no_temp_file(serve, tmp_path, tmpdir_uploads, caplog):
-    port = serve(upload_app(tmp_path, {"request.upload_spool_size": 1024}), thread_pool=1).port
+def test_upload_disconnect_frees_the_spooled_body_at_once(serve, tmp_path, tmpdir_uploads, caplog):
+    """An upload over body_buffer_size is spooled by the poll role; the client goes: its buffer and
+    temporary file are freed at once, and the application never saw it."""
+    server = serve(upload_app(tmp_path, {"request.upload_spool_size": 1024}), thread_pool=1,
+                   body_buffer_size=64 * 1024)
     head = (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
             b"Content-Length: 50000000\r\n\r\n"
             b'--B\r\nContent-Disposition: form-data; name="f"; filename="f.bin"\r\n\r\n')
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(head + b"x" * 500000)
-        deadline = time.monotonic() + 10
-        while not os.listdir(tmpdir_uploads):  # the upload has reached the disk
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    deadline = time.monotonic() + 10
-    while os.listdir(tmpdir_uploads):  # ... and is gone once the client is
-        assert time.monotonic() < deadline, os.listdir(tmpdir_uploads)
-        time.sleep(0.01)
-    assert curl_body("http://127.0.0.1:%d/up" % port) == b"{}"  # one worker: the first request is over
+        poll = server._poll
+        assert wait_until(lambda: any(c.body.size >= 500000 for c in list(poll.timers["body"])), 10)
+        body = next(iter(poll.timers["body"])).body
+        assert body.file is not None and body.parts is None  # on disk beyond body_buffer_size
+    assert wait_until(lambda: body.file.closed and not server._conns, 2)
+    assert os.listdir(tmpdir_uploads) == []
+    assert curl_body("http://127.0.0.1:%d/up" % server.port) == b"{}"  # one worker, and it is free
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a gone client is no handler bug
 
 
@@ -3808,20 +3948,20 @@ def test_session_lock_released_when_the_handler_raises_or_the_client_goes(serve)
         @minipub.expose
         def upload(self):
             minipub.session["n"] = 0
-            return minipub.request.body.read()  # the client vanishes while this waits
+            return minipub.request.body.read()
     app = minipub.Application(Root())
     b = Browser(app)
     b.get("/")
     assert b.get("/?fail=1")[0] == 500
     assert store.held == {}  # checked first: a lock left held would make the next request wait for ever
     assert b.get("/") == (200, "2")  # the crashed request saved nothing
-    port = serve(app, body_buffer_size=1000).port  # a larger body streams to the handler (issue 11)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    server = serve(app, body_buffer_size=1000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nCookie: session_id=%s\r\nContent-Length: 100000\r\n"
                      b"\r\npartial" % b.jar["session_id"].encode())
-        assert wait_until(lambda: store.held, 5)  # the handler holds the session's lock
-    assert wait_until(lambda: not store.held, 5)  # released when the client went
-    assert b.get("/") == (200, "3")
+        assert wait_until(lambda: server._poll.timers["body"], 5)  # the poll role reads the body (issue 11)
+    assert wait_until(lambda: not server._conns, 5)  # the client went: the handler never ran, no lock taken
+    assert not store.held and b.get("/") == (200, "3")
 
 
 def test_session_cookie_attributes_http_https_and_trusted_proxy(serve, tls):
@@ -5823,7 +5963,7 @@ def test_hostile_resets_at_every_point_cost_nothing(error_records):
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return stream()
         return hello_app(environ, start_response)
-    # body_buffer_size below the uploads' length: their bodies stream to the application, which reads them
+    # body_buffer_size below the uploads' length: the poll role spools them to temporary files
     server = minipub.Server(app, "127.0.0.1", 0, thread_pool=2, body_buffer_size=1000).start()
     port, ok = server.port, h_get(b"/", b"Connection: close\r\n")
     try:
@@ -5833,12 +5973,12 @@ def test_hostile_resets_at_every_point_cost_nothing(error_records):
             sock.sendall(b"GET / HTTP/1.1\r\nHo")  # mid-head
             _rst(sock)
             for path in (b"/upload", b"/raw-upload"):  # mid-body, framework and bare WSGI
-                entered.clear()
                 sock = socket.create_connection(("127.0.0.1", port))
                 sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-                             b"Content-Type: application/octet-stream\r\n\r\n" + b"b" * 100)
-                assert entered.wait(5)
+                             b"Content-Type: application/octet-stream\r\n\r\n" + b"b" * 2000)
+                assert wait_until(lambda: any(c.body.file for c in list(server._poll.timers["body"])), 5)
                 _rst(sock)
+            assert not entered.is_set()  # an application never sees a body that is not all there
             closed.clear()
             sock = socket.create_connection(("127.0.0.1", port))
             sock.sendall(h_get(b"/stream"))

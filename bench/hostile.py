@@ -15,6 +15,8 @@ Scenarios, each bounded in time and count, all on 127.0.0.1:
            fresh-client latency meanwhile
   slowbody 50 clients POSTing Content-Length: 1000000 at one byte a second: fresh-request latency
            p50/p99 (40 probes over 10 s), the server's RSS and threads meanwhile
+  bigbody  50 clients each sending 1 MiB of a 100 MB body at once (Content-Length, chunked,
+           Expect: 100-continue by turns), then one byte a second: the same figures
   slowread 20 clients GETting a 12.8 MB streamed answer that never read (64 KiB receive buffer):
            the same figures
   plain    (--tls) 200 plain-HTTP requests to the TLS port: answered (400) or closed, no harm
@@ -412,25 +414,39 @@ def run_midstream(proc, count):
     return {"resets": 2 * count, "client_errors": failed, "then_served": probe(proc.port) is not None}
 
 
+BIG_STARTS = [b"Content-Length: 100000000\r\n\r\n", b"Transfer-Encoding: chunked\r\n\r\n5f5e100\r\n",
+              b"Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n"]
+
+
+def _slow_request(kind, i):
+    if kind == "read":
+        return b"GET /huge HTTP/1.1\r\nHost: bench\r\n\r\n"
+    if kind == "body":
+        return b"POST / HTTP/1.1\r\nHost: bench\r\nContent-Length: 1000000\r\n\r\nx"
+    return b"POST / HTTP/1.1\r\nHost: bench\r\n" + BIG_STARTS[i % 3] + b"x" * (1 << 20)
+
+
 def run_slow(proc, kind, count, probes=40, spacing=0.25):
-    """``count`` slow clients (kind "body": uploads at 1 byte/s; "read": downloads never read) while
-    a fresh client probes every ``spacing`` s: latency p50/p99, server RSS and threads meanwhile."""
+    """``count`` slow clients (kind "body": uploads at 1 byte/s; "bigbody": 1 MiB of a 100 MB body
+    at once, then 1 byte/s; "read": downloads never read) while a fresh client probes every
+    ``spacing`` s: latency p50/p99, server RSS and threads meanwhile."""
     socks = []
-    for _ in range(count):
+    for i in range(count):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.settimeout(10)
         try:
             sock.connect((HOST, proc.port))
-            sock.sendall(b"POST / HTTP/1.1\r\nHost: bench\r\nContent-Length: 1000000\r\n\r\nx" if kind == "body"
-                         else b"GET /huge HTTP/1.1\r\nHost: bench\r\n\r\n")
+            sock.settimeout(0.2 if kind == "bigbody" else 10)  # a server that does not read: go on
+            sock.sendall(_slow_request(kind, i))
         except OSError:
             pass
+        sock.settimeout(10)
         socks.append(sock)
     latencies, rss, threads, last_byte = [], 0.0, 0, time.monotonic()
     deadline = time.monotonic() + probes * spacing + 5.0  # a server that stalls gets fewer probes
     while len(latencies) < probes and time.monotonic() < deadline:
-        if kind == "body" and time.monotonic() - last_byte >= 1.0:
+        if kind != "read" and time.monotonic() - last_byte >= 1.0:
             for sock in socks:
                 try:
                     sock.send(b"x")
@@ -553,6 +569,7 @@ def main():
         ("pipeline", lambda proc: run_pipeline(proc, 20, 500)),
         ("silent", lambda proc: run_silent(proc, 500)),
         ("slowbody", lambda proc: run_slow(proc, "body", 50)),
+        ("bigbody", lambda proc: run_slow(proc, "bigbody", 50)),
         ("slowread", lambda proc: run_slow(proc, "read", 20)),
     ] + ([("plain", lambda proc: run_plain_on_tls(proc, 200)), ("versions", run_versions)] if args.tls else [])
     if args.scenarios:
