@@ -1559,6 +1559,7 @@ class RequestHead:
     """The request line and header fields, with the framing they imply."""
 
     query, host, scheme, content_length, chunked, expect_continue = "", None, None, None, False, False
+    env = None  # the WSGI environ it gives on its connection, less wsgi.input: built by the bridge once
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -1579,6 +1580,7 @@ class RequestParser:
         self.max_body = config["server.max_request_body_size"]
         self.max_ext = config["server.max_chunk_extension_size"]
         self.buffer, self.error, self._state = bytearray(), None, self._head
+        self._heads = {}  # head bytes -> RequestHead: a keep-alive client sends the same head again and again
         self._scanned = self._remaining = self._total = 0
         self.in_body = False  # True while the current request's body is not all returned
 
@@ -1618,10 +1620,15 @@ class RequestParser:
             self._check_partial(buf, self._scanned)
             self._scanned = max(0, len(buf) - 3)
             return NEED_DATA
-        block = buf[:end]  # a bytearray: parse_head needs no bytes copy of it
+        block = bytes(buf[:end])
         del buf[:end + 4]
         self._scanned = 0
-        head = parse_head(block, self)
+        head = self._heads.get(block)
+        if head is None:  # same bytes, same limits: the same head, so only a new one is parsed
+            head = parse_head(block, self)
+            if len(block) <= 4 * KiB:  # bounded: a few small heads per connection
+                self._heads.clear() if len(self._heads) >= 8 else None
+                self._heads[block] = head
         if head.chunked or head.content_length:
             self._start_body(head)
         else:
@@ -2160,11 +2167,16 @@ class _Exchange:
             self.conn.send(_simple_response(status, message))
 
     def environ(self) -> dict:
+        env = self.head.env or self.head_environ()
+        return {**env, "wsgi.input": self.input}
+
+    def head_environ(self) -> dict:
+        """The environ of this head on this connection, kept on the head (the parser reuses it)."""
         head, conn = self.head, self.conn
-        env = {**(conn.env or self.conn_environ()), "REQUEST_METHOD": head.method,
-               "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
-               "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
-               "REQUEST_URI": head.target, "RAW_URI": head.target, "wsgi.input": self.input}
+        head.env = env = {**(conn.env or self.conn_environ()), "REQUEST_METHOD": head.method,
+                          "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
+                          "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
+                          "REQUEST_URI": head.target, "RAW_URI": head.target}
         for name, value in head.headers:
             key = _ENV_KEYS.get(name) or _env_key(name)
             if key in env:
