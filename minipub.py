@@ -43,11 +43,9 @@ tools (auth, static files, uploads), the test client, the reloader, and the comm
 # IN THE SOFTWARE.
 
 import os
-import re
 import select
 import selectors
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -73,6 +71,18 @@ __all__ = [
 def _logger(name: str = "error"):
     import logging
     return logging.getLogger("minipub." + name)
+
+
+class _Re:
+    """The re module, imported at its first use: 2-3 ms off ``import minipub``."""
+
+    def __getattr__(self, name):
+        import re as module
+        globals()["re"] = module  # from now on the module itself
+        return getattr(module, name)
+
+
+re = _Re()
 
 
 class _Lazy:
@@ -470,24 +480,7 @@ _STOP_ROUND = 0.05  # while stopping, the poll role re-checks this often whether
 _AF_UNIX = getattr(socket, "AF_UNIX", None)  # absent on some Windows builds
 
 
-class _Listener(socketserver.TCPServer):
-    """socketserver's binding (SO_REUSEADDR, backlog) for one address family."""
-
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, address, family):
-        self.address_family = family
-        super().__init__(address, None, bind_and_activate=False)
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            # '::' means every interface, IPv4 included where the OS allows.
-            try:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except (AttributeError, OSError):
-                pass
-        super().server_bind()
+_BACKLOG = 1024  # connections the kernel queues before accept()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -496,14 +489,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     host = host.encode() if host.isascii() else host  # a str is IDNA-encoded: +0.4 MB of codec, resident
     family, _, _, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    listener = _Listener(address, family)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        listener.server_bind()
-        listener.server_activate()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart binds despite TIME_WAIT
+        if family == socket.AF_INET6 and address[0] == "::":
+            try:  # '::' means every interface, IPv4 included where the OS allows
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (AttributeError, OSError):
+                pass
+        sock.bind(address)
+        sock.listen(_BACKLOG)
     except OSError:
-        listener.server_close()
+        sock.close()
         raise
-    return listener.socket
+    return sock
 
 
 def _listen_socket(config: dict) -> socket.socket:
@@ -550,7 +549,7 @@ def _unix_socket(path: str, mode: int) -> socket.socket:
         sock.bind(path)
         os.chmod(path, mode)
         _SOCKET_FILES[path] = os.stat(path).st_ino
-        sock.listen(_Listener.request_queue_size)
+        sock.listen(_BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -567,13 +566,13 @@ class _Conn:
     so TLS goes through the same paths."""
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "since")
+                 "want", "kind", "registered", "closing", "server", "out", "spill", "ready", "since")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
         self.tls = self.handshaking = server.ssl_context is not None
         self.want = server._want
-        self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
+        self.head = self.deadline = self.kind = None  # kind: the deadline waited for, None while served
         self.lingering = self.late = self.registered = self.closing = self.ready = False  # late: 503 (stopping)
         self.server, self.out, self.spill, self.since = server, deque(), None, 0.0  # out: see queue()
 
@@ -745,7 +744,7 @@ class _Acceptor:
             return self._refuse(conn.sock)
         poll.conns.add(conn)
         conn.parser, conn.late = RequestParser(self.config), poll.drain_until is not None  # see _drain
-        if conn.sock.family != _AF_UNIX:
+        if self.family != _AF_UNIX:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.setblocking(False)
         if conn.tls:
@@ -1834,6 +1833,8 @@ def _semantics(head):
         lname = name.lower()
         if lname == "host":
             hosts.append(value)
+        elif lname not in {"content-length", "transfer-encoding", "connection", "expect"}:
+            continue  # most fields: nothing for the framing
         elif lname == "content-length":
             lengths.append(value)
         elif lname == "transfer-encoding":
@@ -2172,8 +2173,9 @@ class _Exchange:
 
     def head_environ(self) -> dict:
         """The environ of this head on this connection, kept on the head (the parser reuses it)."""
-        head, conn = self.head, self.conn
-        head.env = env = {**(conn.env or self.conn_environ()), "REQUEST_METHOD": head.method,
+        head, server, addr = self.head, self.server, self.conn.addr or ("", "")
+        head.env = env = {**(server._env or self.server_environ()), "REMOTE_ADDR": addr[0],
+                          "REMOTE_PORT": str(addr[1]), "REQUEST_METHOD": head.method,
                           "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
                           "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
                           "REQUEST_URI": head.target, "RAW_URI": head.target}
@@ -2187,18 +2189,15 @@ class _Exchange:
             env["HTTP_HOST"] = head.host  # absolute-form authority wins over Host
         return env
 
-    def conn_environ(self) -> dict:
-        """The keys that stay the same for every request on this connection, built at its first."""
-        conn, server = self.conn, self.server
-        if server._env is None:
-            server._env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
-                           "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
-                           "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-                           "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
-                           "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
-        addr = conn.addr or ("", "")
-        conn.env = {**server._env, "REMOTE_ADDR": addr[0], "REMOTE_PORT": str(addr[1])}
-        return conn.env
+    def server_environ(self) -> dict:
+        """The keys that stay the same for every request, built at the first."""
+        server = self.server
+        server._env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
+                       "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if self.conn.tls else "http",
+                       "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+                       "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
+                       "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
+        return server._env
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -4666,7 +4665,7 @@ _WEB_TYPES = {".css": "text/css", ".js": "text/javascript", ".mjs": "text/javasc
               ".wasm": "application/wasm", ".json": "application/json", ".svg": "image/svg+xml"}
 _TEXTUAL = ("text/", "application/javascript", "application/json", "application/xml", "image/svg+xml")
 _RANGE = _Lazy(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
-_ENCODED_SLASH = _Lazy(r"%(2f|5c|00)", re.IGNORECASE)
+_ENCODED_SLASH = _Lazy(r"(?i)%(2f|5c|00)")
 
 
 def _content_type(path: str) -> str:
