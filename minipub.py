@@ -1571,6 +1571,9 @@ class RequestHead:
 class RequestParser:
     """Turns received bytes into request events; see the section contract."""
 
+    error, in_body = None, False  # in_body: True while the current request's body is not all returned
+    _scanned = _remaining = _total = 0
+
     def __init__(self, config: dict = None):
         config = config or make_config()
         self.max_line = config["server.max_request_line_size"]
@@ -1578,10 +1581,8 @@ class RequestParser:
         self.max_fields = config["server.max_header_count"]
         self.max_body = config["server.max_request_body_size"]
         self.max_ext = config["server.max_chunk_extension_size"]
-        self.buffer, self.error, self._state = bytearray(), None, self._head
+        self.buffer, self._state = bytearray(), self._head
         self._heads = {}  # head bytes -> RequestHead: a keep-alive client sends the same head again and again
-        self._scanned = self._remaining = self._total = 0
-        self.in_body = False  # True while the current request's body is not all returned
 
     def receive(self, data: bytes) -> None:
         self.buffer += data
@@ -2227,9 +2228,11 @@ class _Exchange:
             body = b"".join(result)
         else:
             body = None
-        if body is not None:
-            if not self.headers_sent and self.length is None and not self.bodiless:
+        if body is not None and not self.headers_sent:  # the whole body: framed and sent with the head
+            if self.length is None and not self.bodiless:
                 self.length, self.add_length = len(body), True
+            self.send_head(body)
+        elif body is not None:
             self.write(body)
         elif isinstance(result, FileWrapper) and self.length is not None and not self.headers_sent:
             self.send_head(b"")
@@ -2429,7 +2432,6 @@ class HeaderDict(dict):
     """Case-insensitive header fields; a value with CR, LF or NUL raises ValueError."""
 
     def __init__(self, items=()):
-        super().__init__()
         self.names = {}
         if items:
             self.update(items)
@@ -2865,8 +2867,9 @@ class Application:
         if hooks:
             _run(hooks, "on_start_resource")
             _run(hooks, "before_request_body")
-        query = _query_params(req.query_string)
-        req.params = _merge(query, _body_params(req) if req.process_request_body else {})
+        query = _query_params(req.query_string) if req.query_string else {}
+        body = req.process_request_body and "CONTENT_TYPE" in req.environ and _body_params(req)
+        req.params = _merge(query, body) if body else query
         if hooks:
             _run(hooks, "before_handler")
         if req.handler is method and method is not None:
@@ -3237,8 +3240,6 @@ def _mismatch(error, text: str, names) -> None:
 
 def _merge(query: dict, body: dict) -> dict:
     """Query then body parameters; a name given more than once gets the list of its values."""
-    if not body:
-        return query
     return _pairs_to_dict(_form_items(query) + _form_items(body))
 
 
@@ -3273,7 +3274,7 @@ def _form_dict(text: str, max_fields: int, status: int, message: str, errors: st
 
 
 def _query_params(query: str) -> dict:
-    return _form_dict(query, 1000, 400, "Too many query parameters.", "strict") if query else {}
+    return _form_dict(query, 1000, 400, "Too many query parameters.", "strict")
 
 
 def _body_params(req) -> dict:
