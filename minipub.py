@@ -743,7 +743,7 @@ class _Acceptor:
         if len(poll.conns) >= self.config["server.max_connections"]:
             return self._refuse(conn.sock)
         poll.conns.add(conn)
-        conn.parser, conn.late = RequestParser(self.config), poll.drain_until is not None  # see _drain
+        conn.parser, conn.late = RequestParser(self.config, self.server._heads), poll.drain_until is not None  # see _drain
         if self.family != _AF_UNIX:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.setblocking(False)
@@ -1301,6 +1301,7 @@ class Server:
         self._access = None
         self._unsent, self._unsent_lock = 0, threading.Lock()  # bytes queued by all _Conn.queue()
         self._env = None  # the environ keys of every request, built at the first
+        self._heads = {}  # request heads without credentials, shared by the connections (see RequestParser)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":
@@ -1558,7 +1559,8 @@ class RequestHead:
     """The request line and header fields, with the framing they imply."""
 
     query, host, scheme, content_length, chunked, expect_continue = "", None, None, None, False, False
-    env = None  # the WSGI environ it gives on its connection, less wsgi.input: built by the bridge once
+    private = False  # it carries credentials (Cookie, Authorization): never shared between connections
+    env = None  # the WSGI environ it gives, less the client's address and wsgi.input: built by the bridge once
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -1574,7 +1576,7 @@ class RequestParser:
     error, in_body = None, False  # in_body: True while the current request's body is not all returned
     _scanned = _remaining = _total = 0
 
-    def __init__(self, config: dict = None):
+    def __init__(self, config: dict = None, shared: dict = None):
         config = config or make_config()
         self.max_line = config["server.max_request_line_size"]
         self.max_header = config["server.max_request_header_size"]
@@ -1582,7 +1584,10 @@ class RequestParser:
         self.max_body = config["server.max_request_body_size"]
         self.max_ext = config["server.max_chunk_extension_size"]
         self.buffer, self._state = bytearray(), self._head
-        self._heads = {}  # head bytes -> RequestHead: a keep-alive client sends the same head again and again
+        # head bytes -> RequestHead: a keep-alive client sends the same head again and again, and
+        # one that reconnects for each request (HTTP/1.0, probes) the same as the last: ``shared``
+        # is the server's, for heads without credentials (a hit is faster, so it tells the timing).
+        self._heads, self.shared = {}, {} if shared is None else shared
 
     def receive(self, data: bytes) -> None:
         self.buffer += data
@@ -1623,12 +1628,13 @@ class RequestParser:
         block = bytes(buf[:end])
         del buf[:end + 4]
         self._scanned = 0
-        head = self._heads.get(block)
+        head = self._heads.get(block) or self.shared.get(block)
         if head is None:  # same bytes, same limits: the same head, so only a new one is parsed
             head = parse_head(block, self)
-            if len(block) <= 4 * KiB:  # bounded: a few small heads per connection
-                self._heads.clear() if len(self._heads) >= 8 else None
-                self._heads[block] = head
+            if len(block) <= 4 * KiB:  # bounded: a few small heads per connection, 64 for all
+                _remember(self._heads, block, head, 8)
+                if not head.private:
+                    _remember(self.shared, block, head, 64)
         if head.chunked or head.content_length:
             self._start_body(head)
         else:
@@ -1734,6 +1740,13 @@ class RequestParser:
             _field(line)
 
 
+def _remember(cache: dict, key, value, size: int) -> None:
+    """cache[key] = value in a cache of at most ``size`` entries (emptied when full: no bookkeeping)."""
+    if len(cache) >= size:
+        cache.clear()
+    cache[key] = value
+
+
 def _field(line: bytes):
     """One field-line -> (name, value) as latin-1 str; ProtocolError if malformed."""
     name, colon, value = line.partition(b":")
@@ -1834,8 +1847,11 @@ def _semantics(head):
         lname = name.lower()
         if lname == "host":
             hosts.append(value)
-        elif lname not in {"content-length", "transfer-encoding", "connection", "expect"}:
+        elif lname not in {"content-length", "transfer-encoding", "connection", "expect", "cookie", "authorization",
+                           "proxy-authorization"}:
             continue  # most fields: nothing for the framing
+        elif lname in ("cookie", "authorization", "proxy-authorization"):
+            head.private = True
         elif lname == "content-length":
             lengths.append(value)
         elif lname == "transfer-encoding":
@@ -2169,14 +2185,14 @@ class _Exchange:
             self.conn.send(_simple_response(status, message))
 
     def environ(self) -> dict:
-        env = self.head.env or self.head_environ()
-        return {**env, "wsgi.input": self.input}
+        addr = self.conn.addr or ("", "")
+        return {**(self.head.env or self.head_environ()), "REMOTE_ADDR": addr[0], "REMOTE_PORT": str(addr[1]),
+                "wsgi.input": self.input}
 
     def head_environ(self) -> dict:
-        """The environ of this head on this connection, kept on the head (the parser reuses it)."""
-        head, server, addr = self.head, self.server, self.conn.addr or ("", "")
-        head.env = env = {**(server._env or self.server_environ()), "REMOTE_ADDR": addr[0],
-                          "REMOTE_PORT": str(addr[1]), "REQUEST_METHOD": head.method,
+        """The environ keys this head gives, kept on it (the parser reuses heads)."""
+        head, server = self.head, self.server
+        head.env = env = {**(server._env or self.server_environ()), "REQUEST_METHOD": head.method,
                           "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
                           "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
                           "REQUEST_URI": head.target, "RAW_URI": head.target}
@@ -2371,9 +2387,7 @@ def _check_field(item):
             raise ValueError("invalid Content-Length %r" % (value,))
         length = int(value)
     if lname != "set-cookie":  # a session id has no business in a process-wide table
-        if len(_FIELDS) >= 1000:
-            _FIELDS.clear()
-        _FIELDS[item] = length
+        _remember(_FIELDS, item, length, 1000)
     return length
 
 
