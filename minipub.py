@@ -721,7 +721,7 @@ class _Acceptor:
     def __init__(self, poll, sock):
         self.poll, self.sock, self.server, self.config = poll, sock, poll.server, poll.config
         self.listening, self.paused = True, None  # paused: [retry at, failed accepts, since, open connections]
-        self.family = int(sock.family)
+        self.family, self.heads = int(sock.family), {}  # heads: shared by the connections (see RequestParser)
         poll.sel.register(sock, selectors.EVENT_READ, _ACCEPT)
 
     def accept(self) -> None:
@@ -743,7 +743,7 @@ class _Acceptor:
         if len(poll.conns) >= self.config["server.max_connections"]:
             return self._refuse(conn.sock)
         poll.conns.add(conn)
-        conn.parser, conn.late = RequestParser(self.config, self.server._heads), poll.drain_until is not None  # see _drain
+        conn.parser, conn.late = RequestParser(self.config, self.heads), poll.drain_until is not None  # see _drain
         if self.family != _AF_UNIX:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.setblocking(False)
@@ -1244,12 +1244,11 @@ class _Pool:
                 except ProtocolError as err:
                     _Exchange(server, conn).fail(err.status, err.message)
                     break
+                if head is not NEED_DATA:
+                    conn.head = head
                 if head is NEED_DATA or conn.out:
                     keep, conn.ready = True, head is not NEED_DATA
-                    if conn.ready:
-                        conn.head = head
                     break
-                conn.head = head
             else:
                 self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
                 return False
@@ -1301,7 +1300,6 @@ class Server:
         self._access = None
         self._unsent, self._unsent_lock = 0, threading.Lock()  # bytes queued by all _Conn.queue()
         self._env = None  # the environ keys of every request, built at the first
-        self._heads = {}  # request heads without credentials, shared by the connections (see RequestParser)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":
@@ -1559,7 +1557,6 @@ class RequestHead:
     """The request line and header fields, with the framing they imply."""
 
     query, host, scheme, content_length, chunked, expect_continue = "", None, None, None, False, False
-    private = False  # it carries credentials (Cookie, Authorization): never shared between connections
     env = None  # the WSGI environ it gives, less the client's address and wsgi.input: built by the bridge once
 
     def __init__(self, method, target, version, headers):
@@ -1586,7 +1583,7 @@ class RequestParser:
         self.buffer, self._state = bytearray(), self._head
         # head bytes -> RequestHead: a keep-alive client sends the same head again and again, and
         # one that reconnects for each request (HTTP/1.0, probes) the same as the last: ``shared``
-        # is the server's, for heads without credentials (a hit is faster, so it tells the timing).
+        # is the server's, for heads without credentials (a hit is faster: others must not time it).
         self._heads, self.shared = {}, {} if shared is None else shared
 
     def receive(self, data: bytes) -> None:
@@ -1633,7 +1630,8 @@ class RequestParser:
             head = parse_head(block, self)
             if len(block) <= 4 * KiB:  # bounded: a few small heads per connection, 64 for all
                 _remember(self._heads, block, head, 8)
-                if not head.private:
+                low = block.lower()  # a field name is followed by ":" at once, so this finds each
+                if b"cookie:" not in low and b"authorization:" not in low:
                     _remember(self.shared, block, head, 64)
         if head.chunked or head.content_length:
             self._start_body(head)
@@ -1814,10 +1812,7 @@ def _request_line(line: str) -> RequestHead:
     if version != "HTTP/1.1" and version != "HTTP/1.0":
         raise ProtocolError(505, "HTTP version not supported.")
     head = RequestHead(method, target, version, [])
-    if target[0] == "/" and "#" not in target:  # origin-form, the usual
-        head.path, _, head.query = target.partition("?")
-    else:
-        _target(head)
+    _target(head)
     return head
 
 
@@ -1847,11 +1842,8 @@ def _semantics(head):
         lname = name.lower()
         if lname == "host":
             hosts.append(value)
-        elif lname not in {"content-length", "transfer-encoding", "connection", "expect", "cookie", "authorization",
-                           "proxy-authorization"}:
+        elif lname not in {"content-length", "transfer-encoding", "connection", "expect"}:
             continue  # most fields: nothing for the framing
-        elif lname in ("cookie", "authorization", "proxy-authorization"):
-            head.private = True
         elif lname == "content-length":
             lengths.append(value)
         elif lname == "transfer-encoding":
@@ -2190,9 +2182,16 @@ class _Exchange:
                 "wsgi.input": self.input}
 
     def head_environ(self) -> dict:
-        """The environ keys this head gives, kept on it (the parser reuses heads)."""
+        """The environ keys this head gives (all but the client's address and wsgi.input), kept on it:
+        the parser reuses heads."""
         head, server = self.head, self.server
-        head.env = env = {**(server._env or self.server_environ()), "REQUEST_METHOD": head.method,
+        if server._env is None:  # the keys that stay the same for every request
+            server._env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
+                           "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if self.conn.tls else "http",
+                           "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+                           "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
+                           "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
+        head.env = env = {**server._env, "REQUEST_METHOD": head.method,
                           "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
                           "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
                           "REQUEST_URI": head.target, "RAW_URI": head.target}
@@ -2205,16 +2204,6 @@ class _Exchange:
         if head.scheme is not None:
             env["HTTP_HOST"] = head.host  # absolute-form authority wins over Host
         return env
-
-    def server_environ(self) -> dict:
-        """The keys that stay the same for every request, built at the first."""
-        server = self.server
-        server._env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
-                       "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if self.conn.tls else "http",
-                       "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-                       "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
-                       "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
-        return server._env
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -2244,12 +2233,10 @@ class _Exchange:
             body = b"".join(result)
         else:
             body = None
-        if body is not None and not self.headers_sent:  # the whole body: framed and sent with the head
-            if self.length is None and not self.bodiless:
+        if body is not None:
+            if not self.headers_sent and self.length is None and not self.bodiless:
                 self.length, self.add_length = len(body), True
-            self.send_head(body)
-        elif body is not None:
-            self.write(body)
+            self.write(body) if self.headers_sent else self.send_head(body)  # the whole body, with its head
         elif isinstance(result, FileWrapper) and self.length is not None and not self.headers_sent:
             self.send_head(b"")
             if not self.no_body and self.length:
@@ -2311,10 +2298,8 @@ class _Exchange:
             extra += "Connection: close\r\n"
         elif self.head.version == "HTTP/1.0":
             extra += "Connection: keep-alive\r\n"
-        fields = "\r\n".join(map(": ".join, self.headers))  # names and values checked already
-        now = int(time.time())
-        head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
-                                                          _date_cache[1] if _date_cache[0] == now else _now_date())
+        fields = "".join(map("%s: %s\r\n".__mod__, self.headers))  # names and values checked already
+        head = "HTTP/1.1 %s\r\n%s%sDate: %s\r\n\r\n" % (self.status, fields, extra, _now_date())
         self.headers_sent = True
         self.conn.send(head.encode("latin-1") + self.frame(first))
 
@@ -2642,8 +2627,7 @@ def _trusted_networks(entries) -> tuple:
             networks = tuple(ipaddress.ip_network(e.strip(), strict=False) for e in entries)
         except ValueError as exc:
             raise ConfigError("server.trusted_proxies: %s" % exc) from None
-        if len(_network_cache) < 64:
-            _network_cache[entries] = networks
+        _remember(_network_cache, entries, networks, 64)
     return networks
 
 
@@ -2881,9 +2865,11 @@ class Application:
         if hooks:
             _run(hooks, "on_start_resource")
             _run(hooks, "before_request_body")
-        query = _query_params(req.query_string) if req.query_string else {}
+        query = _form_dict(req.query_string, 1000, 400, "Too many query parameters.", "strict") \
+            if req.query_string else {}
         body = req.process_request_body and "CONTENT_TYPE" in req.environ and _body_params(req)
-        req.params = _merge(query, body) if body else query
+        # query then body parameters; a name given more than once gets the list of its values
+        req.params = _pairs_to_dict(_form_items(query) + _form_items(body)) if body else query
         if hooks:
             _run(hooks, "before_handler")
         if req.handler is method and method is not None:
@@ -2917,8 +2903,7 @@ class Application:
             if method is not None and method is not handler:
                 walked = walked + [method]
             plan = _Plan(self, sections, walked, route)
-            if len(self._plans) < 4096:  # bounded: a default handler takes any path
-                self._plans[key] = plan
+            _remember(self._plans, key, plan, 4096)  # bounded: a default handler takes any path
         return plan
 
     def _check_static(self, path):
@@ -3206,8 +3191,7 @@ def _spec(handler):
         kwonly = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
         required += tuple(k for k in kwonly if k not in (func.__kwdefaults__ or {}))
         spec = (names, required, frozenset(names + kwonly), bool(code.co_flags & 4), bool(code.co_flags & 8))
-    if len(_specs) < 10000:
-        _specs[func] = spec
+    _remember(_specs, func, spec, 10000)
     return spec
 
 
@@ -3252,11 +3236,6 @@ def _mismatch(error, text: str, names) -> None:
     raise error(message)
 
 
-def _merge(query: dict, body: dict) -> dict:
-    """Query then body parameters; a name given more than once gets the list of its values."""
-    return _pairs_to_dict(_form_items(query) + _form_items(body))
-
-
 def _form_items(fields) -> list:
     """[(name, value)] from a dict or pairs; a list value gives one item per element."""
     items = fields.items() if isinstance(fields, dict) else fields or ()
@@ -3285,10 +3264,6 @@ def _form_dict(text: str, max_fields: int, status: int, message: str, errors: st
         raise NotFound("The query string is not UTF-8.") from None
     except ValueError:
         raise HTTPError(status, message) from None
-
-
-def _query_params(query: str) -> dict:
-    return _form_dict(query, 1000, 400, "Too many query parameters.", "strict")
 
 
 def _body_params(req) -> dict:
