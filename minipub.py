@@ -2298,8 +2298,9 @@ class _Exchange:
             extra += "Connection: close\r\n"
         elif self.head.version == "HTTP/1.0":
             extra += "Connection: keep-alive\r\n"
-        fields = "".join(map("%s: %s\r\n".__mod__, self.headers))  # names and values checked already
-        head = "HTTP/1.1 %s\r\n%s%sDate: %s\r\n\r\n" % (self.status, fields, extra, _now_date())
+        fields = "\r\n".join(map(": ".join, self.headers))  # names and values checked already
+        head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
+                                                          _now_date())
         self.headers_sent = True
         self.conn.send(head.encode("latin-1") + self.frame(first))
 
@@ -2339,7 +2340,7 @@ def _log_quoted(text: str) -> str:
 
 def _check_headers(headers) -> int:
     """Validate response header fields; returns the Content-Length or None."""
-    checked = getattr(_local, "checked", None)
+    checked = _local.checked
     if checked is not None and checked[0] is headers:
         _local.checked = None
         return checked[1]  # an Application's own fields, checked by Response.set_fields
@@ -2396,7 +2397,11 @@ def expose(func):
     return func
 
 
-_local = threading.local()
+class _Local(threading.local):
+    checked = None  # see Response.set_fields: a default, so reading it never raises AttributeError
+
+
+_local = _Local()
 
 
 class _Proxy:
