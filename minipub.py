@@ -2397,11 +2397,7 @@ def expose(func):
     return func
 
 
-class _Local(threading.local):
-    checked = None  # see Response.set_fields: a default, so reading it never raises AttributeError
-
-
-_local = _Local()
+_local = type("_Local", (threading.local,), {"checked": None})()  # a default: reading .checked never raises
 
 
 class _Proxy:
@@ -2508,12 +2504,9 @@ class Request:
     process_request_body = True
 
     def __init__(self, environ, app):
-        self.environ, self.app = environ, app
-        self.method = environ["REQUEST_METHOD"]
-        self.script_name = environ.get("SCRIPT_NAME", "")
-        self.path_info = _utf8(environ.get("PATH_INFO", ""))
-        self.query_string = environ.get("QUERY_STRING", "")
-        self.params, self.hooks = {}, _NO_HOOKS
+        self.environ, self.app, self.params, self.hooks = environ, app, {}, _NO_HOOKS
+        self.method, self.query_string = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
+        self.script_name, self.path_info = environ.get("SCRIPT_NAME", ""), _utf8(environ.get("PATH_INFO", ""))
         base = app.config
         self.config, self.show_tracebacks = base, base["request.show_tracebacks"]
         if base["server.trusted_proxies"]:
@@ -2712,8 +2705,7 @@ class Response:
 
     def __init__(self):
         self.status, self._headers, self.cookies = 200, HeaderDict(), []
-        self.extra_fields = []  # repeatable fields a HeaderDict cannot hold
-        self.body = None
+        self.extra_fields, self.body = [], None  # extra_fields: repeatable fields a HeaderDict cannot hold
 
     @property
     def headers(self) -> HeaderDict:
