@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 from collections import deque
-import functools  # loaded by re anyway
+import functools  # loaded by socket (its enum) anyway
 from functools import cached_property, partialmethod
 
 __version__ = "0.1.0"
@@ -1843,7 +1843,7 @@ def _semantics(head):
         if lname == "host":
             hosts.append(value)
         elif lname not in {"content-length", "transfer-encoding", "connection", "expect"}:
-            continue  # most fields: nothing for the framing
+            pass  # most fields: nothing to check for the framing
         elif lname == "content-length":
             lengths.append(value)
         elif lname == "transfer-encoding":
