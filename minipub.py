@@ -43,16 +43,14 @@ tools (auth, static files, uploads), the test client, the reloader, and the comm
 # IN THE SOFTWARE.
 
 import os
-import re
 import select
 import selectors
 import socket
-import socketserver
 import sys
 import threading
 import time
 from collections import deque
-import functools  # loaded by re anyway
+import functools  # loaded by socket (its enum) anyway
 from functools import cached_property, partialmethod
 
 __version__ = "0.1.0"
@@ -73,6 +71,18 @@ __all__ = [
 def _logger(name: str = "error"):
     import logging
     return logging.getLogger("minipub." + name)
+
+
+class _Re:
+    """The re module, imported at its first use: 2-3 ms off ``import minipub``."""
+
+    def __getattr__(self, name):
+        import re as module
+        globals()["re"] = module  # from now on the module itself
+        return getattr(module, name)
+
+
+re = _Re()
 
 
 class _Lazy:
@@ -470,24 +480,7 @@ _STOP_ROUND = 0.05  # while stopping, the poll role re-checks this often whether
 _AF_UNIX = getattr(socket, "AF_UNIX", None)  # absent on some Windows builds
 
 
-class _Listener(socketserver.TCPServer):
-    """socketserver's binding (SO_REUSEADDR, backlog) for one address family."""
-
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, address, family):
-        self.address_family = family
-        super().__init__(address, None, bind_and_activate=False)
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            # '::' means every interface, IPv4 included where the OS allows.
-            try:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except (AttributeError, OSError):
-                pass
-        super().server_bind()
+_BACKLOG = 1024  # connections the kernel queues before accept()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -496,14 +489,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     host = host.encode() if host.isascii() else host  # a str is IDNA-encoded: +0.4 MB of codec, resident
     family, _, _, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    listener = _Listener(address, family)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        listener.server_bind()
-        listener.server_activate()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart binds despite TIME_WAIT
+        if family == socket.AF_INET6 and address[0] == "::":
+            try:  # '::' means every interface, IPv4 included where the OS allows
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (AttributeError, OSError):
+                pass
+        sock.bind(address)
+        sock.listen(_BACKLOG)
     except OSError:
-        listener.server_close()
+        sock.close()
         raise
-    return listener.socket
+    return sock
 
 
 def _listen_socket(config: dict) -> socket.socket:
@@ -550,7 +549,7 @@ def _unix_socket(path: str, mode: int) -> socket.socket:
         sock.bind(path)
         os.chmod(path, mode)
         _SOCKET_FILES[path] = os.stat(path).st_ino
-        sock.listen(_Listener.request_queue_size)
+        sock.listen(_BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -567,13 +566,13 @@ class _Conn:
     so TLS goes through the same paths."""
 
     __slots__ = ("sock", "addr", "parser", "head", "deadline", "handshaking", "tls", "lingering", "late",
-                 "want", "kind", "registered", "closing", "env", "server", "out", "spill", "ready", "body")
+                 "want", "kind", "registered", "closing", "server", "out", "spill", "ready", "body")
 
     def __init__(self, sock, addr, server):
         self.sock, self.addr, self.parser = sock, addr, None
         self.tls = self.handshaking = server.ssl_context is not None
         self.want = server._want
-        self.head = self.deadline = self.kind = self.env = None  # kind: the deadline waited for, None while served
+        self.head = self.deadline = self.kind = None  # kind: the deadline waited for, None while served
         self.lingering = self.late = self.registered = self.closing = self.ready = False  # late: 503 (stopping)
         self.server, self.out, self.spill, self.body = server, deque(), None, None  # out: see queue()
 
@@ -827,7 +826,7 @@ class _Acceptor:
     def __init__(self, poll, sock):
         self.poll, self.sock, self.server, self.config = poll, sock, poll.server, poll.config
         self.listening, self.paused = True, None  # paused: [retry at, failed accepts, since, open connections]
-        self.family = int(sock.family)
+        self.family, self.heads = int(sock.family), {}  # heads: shared by the connections (see RequestParser)
         poll.sel.register(sock, selectors.EVENT_READ, _ACCEPT)
 
     def accept(self) -> None:
@@ -849,8 +848,8 @@ class _Acceptor:
         if len(poll.conns) >= self.config["server.max_connections"]:
             return self._refuse(conn.sock)
         poll.conns.add(conn)
-        conn.parser, conn.late = RequestParser(self.config), poll.drain_until is not None  # see _drain
-        if conn.sock.family != _AF_UNIX:
+        conn.parser, conn.late = RequestParser(self.config, self.heads), poll.drain_until is not None  # see _drain
+        if self.family != _AF_UNIX:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.setblocking(False)
         if conn.tls:
@@ -1349,12 +1348,11 @@ class _Pool:
                 except ProtocolError as err:
                     _Exchange(server, conn).fail(err.status, err.message)
                     break
+                if head is not NEED_DATA:
+                    conn.head = head
                 if head is NEED_DATA or conn.out or parser.in_body:  # a body is read by the poll role
                     keep, conn.ready = True, head is not NEED_DATA
-                    if conn.ready:
-                        conn.head = head
                     break
-                conn.head = head
             else:
                 self.pending.append(conn)  # fairness: a deep pipeline goes to the back of the line
                 return False
@@ -1652,6 +1650,7 @@ class RequestHead:
     """The request line and header fields, with the framing they imply."""
 
     query, host, scheme, content_length, chunked, expect_continue = "", None, None, None, False, False
+    env = None  # the WSGI environ it gives, less the client's address and wsgi.input: built by the bridge once
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -1664,16 +1663,21 @@ class RequestHead:
 class RequestParser:
     """Turns received bytes into request events; see the section contract."""
 
-    def __init__(self, config: dict = None):
+    error, in_body = None, False  # in_body: True while the current request's body is not all returned
+    _scanned = _remaining = _total = 0
+
+    def __init__(self, config: dict = None, shared: dict = None):
         config = config or make_config()
         self.max_line = config["server.max_request_line_size"]
         self.max_header = config["server.max_request_header_size"]
         self.max_fields = config["server.max_header_count"]
         self.max_body = config["server.max_request_body_size"]
         self.max_ext = config["server.max_chunk_extension_size"]
-        self.buffer, self.error, self._state = bytearray(), None, self._head
-        self._scanned = self._remaining = self._total = 0
-        self.in_body = False  # True while the current request's body is not all returned
+        self.buffer, self._state = bytearray(), self._head
+        # head bytes -> RequestHead: a keep-alive client sends the same head again and again, and
+        # one that reconnects for each request (HTTP/1.0, probes) the same as the last: ``shared``
+        # is the server's, for heads without credentials (a hit is faster: others must not time it).
+        self._heads, self.shared = {}, {} if shared is None else shared
 
     def receive(self, data: bytes) -> None:
         self.buffer += data
@@ -1711,10 +1715,17 @@ class RequestParser:
             self._check_partial(buf, self._scanned)
             self._scanned = max(0, len(buf) - 3)
             return NEED_DATA
-        block = buf[:end]  # a bytearray: parse_head needs no bytes copy of it
+        block = bytes(buf[:end])
         del buf[:end + 4]
         self._scanned = 0
-        head = parse_head(block, self)
+        head = self._heads.get(block) or self.shared.get(block)
+        if head is None:  # same bytes, same limits: the same head, so only a new one is parsed
+            head = parse_head(block, self)
+            if len(block) <= 4 * KiB:  # bounded: a few small heads per connection, 64 for all
+                _remember(self._heads, block, head, 8)
+                low = block.lower()  # a field name is followed by ":" at once, so this finds each
+                if b"cookie:" not in low and b"authorization:" not in low:
+                    _remember(self.shared, block, head, 64)
         if head.chunked or head.content_length:
             self._start_body(head)
         else:
@@ -1820,6 +1831,13 @@ class RequestParser:
             _field(line)
 
 
+def _remember(cache: dict, key, value, size: int) -> None:
+    """cache[key] = value in a cache of at most ``size`` entries (emptied when full: no bookkeeping)."""
+    if len(cache) >= size:
+        cache.clear()
+    cache[key] = value
+
+
 def _field(line: bytes):
     """One field-line -> (name, value) as latin-1 str; ProtocolError if malformed."""
     name, colon, value = line.partition(b":")
@@ -1887,10 +1905,7 @@ def _request_line(line: str) -> RequestHead:
     if version != "HTTP/1.1" and version != "HTTP/1.0":
         raise ProtocolError(505, "HTTP version not supported.")
     head = RequestHead(method, target, version, [])
-    if target[0] == "/" and "#" not in target:  # origin-form, the usual
-        head.path, _, head.query = target.partition("?")
-    else:
-        _target(head)
+    _target(head)
     return head
 
 
@@ -1920,6 +1935,8 @@ def _semantics(head):
         lname = name.lower()
         if lname == "host":
             hosts.append(value)
+        elif lname not in {"content-length", "transfer-encoding", "connection", "expect"}:
+            pass  # most fields: nothing to check for the framing
         elif lname == "content-length":
             lengths.append(value)
         elif lname == "transfer-encoding":
@@ -2163,11 +2180,24 @@ class _Exchange:
             self.conn.send(_simple_response(status, message))
 
     def environ(self) -> dict:
-        head, conn = self.head, self.conn
-        env = {**(conn.env or self.conn_environ()), "REQUEST_METHOD": head.method,
-               "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
-               "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
-               "REQUEST_URI": head.target, "RAW_URI": head.target, "wsgi.input": self.input}
+        addr = self.conn.addr or ("", "")
+        return {**(self.head.env or self.head_environ()), "REMOTE_ADDR": addr[0], "REMOTE_PORT": str(addr[1]),
+                "wsgi.input": self.input}
+
+    def head_environ(self) -> dict:
+        """The environ keys this head gives (all but the client's address and wsgi.input), kept on it:
+        the parser reuses heads."""
+        head, server = self.head, self.server
+        if server._env is None:  # the keys that stay the same for every request
+            server._env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
+                           "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if self.conn.tls else "http",
+                           "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+                           "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
+                           "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
+        head.env = env = {**server._env, "REQUEST_METHOD": head.method,
+                          "PATH_INFO": _unquote(head.path) if "%" in head.path else head.path,
+                          "QUERY_STRING": head.query, "SERVER_PROTOCOL": head.version,
+                          "REQUEST_URI": head.target, "RAW_URI": head.target}
         for name, value in head.headers:
             key = _ENV_KEYS.get(name) or _env_key(name)
             if key in env:
@@ -2177,19 +2207,6 @@ class _Exchange:
         if head.scheme is not None:
             env["HTTP_HOST"] = head.host  # absolute-form authority wins over Host
         return env
-
-    def conn_environ(self) -> dict:
-        """The keys that stay the same for every request on this connection, built at its first."""
-        conn, server = self.conn, self.server
-        if server._env is None:
-            server._env = {"SCRIPT_NAME": "", "SERVER_NAME": server.host, "SERVER_PORT": str(server.port),
-                           "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if conn.tls else "http",
-                           "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-                           "wsgi.multiprocess": _MULTIPROCESS, "wsgi.run_once": False,
-                           "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
-        addr = conn.addr or ("", "")
-        conn.env = {**server._env, "REMOTE_ADDR": addr[0], "REMOTE_PORT": str(addr[1])}
-        return conn.env
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -2222,7 +2239,7 @@ class _Exchange:
         if body is not None:
             if not self.headers_sent and self.length is None and not self.bodiless:
                 self.length, self.add_length = len(body), True
-            self.write(body)
+            self.write(body) if self.headers_sent else self.send_head(body)  # the whole body, with its head
         elif isinstance(result, FileWrapper) and self.length is not None and not self.headers_sent:
             self.send_head(b"")
             if not self.no_body and self.length:
@@ -2284,9 +2301,8 @@ class _Exchange:
         elif self.head.version == "HTTP/1.0":
             extra += "Connection: keep-alive\r\n"
         fields = "\r\n".join(map(": ".join, self.headers))  # names and values checked already
-        now = int(time.time())
         head = "HTTP/1.1 %s\r\n%s%s%sDate: %s\r\n\r\n" % (self.status, fields, "\r\n" if fields else "", extra,
-                                                          _date_cache[1] if _date_cache[0] == now else _now_date())
+                                                          _now_date())
         self.headers_sent = True
         try:
             self.conn.send(head.encode("latin-1") + self.frame(first))
@@ -2318,7 +2334,7 @@ def _log_quoted(text: str) -> str:
 
 def _check_headers(headers) -> int:
     """Validate response header fields; returns the Content-Length or None."""
-    checked = getattr(_local, "checked", None)
+    checked = _local.checked
     if checked is not None and checked[0] is headers:
         _local.checked = None
         return checked[1]  # an Application's own fields, checked by Response.set_fields
@@ -2351,9 +2367,7 @@ def _check_field(item):
             raise ValueError("invalid Content-Length %r" % (value,))
         length = int(value)
     if lname != "set-cookie":  # a session id has no business in a process-wide table
-        if len(_FIELDS) >= 1000:
-            _FIELDS.clear()
-        _FIELDS[item] = length
+        _remember(_FIELDS, item, length, 1000)
     return length
 
 
@@ -2377,7 +2391,7 @@ def expose(func):
     return func
 
 
-_local = threading.local()
+_local = type("_Local", (threading.local,), {"checked": None})()  # a default: reading .checked never raises
 
 
 class _Proxy:
@@ -2412,7 +2426,6 @@ class HeaderDict(dict):
     """Case-insensitive header fields; a value with CR, LF or NUL raises ValueError."""
 
     def __init__(self, items=()):
-        super().__init__()
         self.names = {}
         if items:
             self.update(items)
@@ -2485,12 +2498,9 @@ class Request:
     process_request_body = True
 
     def __init__(self, environ, app):
-        self.environ, self.app = environ, app
-        self.method = environ["REQUEST_METHOD"]
-        self.script_name = environ.get("SCRIPT_NAME", "")
-        self.path_info = _utf8(environ.get("PATH_INFO", ""))
-        self.query_string = environ.get("QUERY_STRING", "")
-        self.params, self.hooks = {}, _NO_HOOKS
+        self.environ, self.app, self.params, self.hooks = environ, app, {}, _NO_HOOKS
+        self.method, self.query_string = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
+        self.script_name, self.path_info = environ.get("SCRIPT_NAME", ""), _utf8(environ.get("PATH_INFO", ""))
         base = app.config
         self.config, self.show_tracebacks = base, base["request.show_tracebacks"]
         if base["server.trusted_proxies"]:
@@ -2605,8 +2615,7 @@ def _trusted_networks(entries) -> tuple:
             networks = tuple(ipaddress.ip_network(e.strip(), strict=False) for e in entries)
         except ValueError as exc:
             raise ConfigError("server.trusted_proxies: %s" % exc) from None
-        if len(_network_cache) < 64:
-            _network_cache[entries] = networks
+        _remember(_network_cache, entries, networks, 64)
     return networks
 
 
@@ -2690,8 +2699,7 @@ class Response:
 
     def __init__(self):
         self.status, self._headers, self.cookies = 200, HeaderDict(), []
-        self.extra_fields = []  # repeatable fields a HeaderDict cannot hold
-        self.body = None
+        self.extra_fields, self.body = [], None  # extra_fields: repeatable fields a HeaderDict cannot hold
 
     @property
     def headers(self) -> HeaderDict:
@@ -2848,8 +2856,11 @@ class Application:
         if hooks:
             _run(hooks, "on_start_resource")
             _run(hooks, "before_request_body")
-        query = _query_params(req.query_string)
-        req.params = _merge(query, _body_params(req) if req.process_request_body else {})
+        query = _form_dict(req.query_string, 1000, 400, "Too many query parameters.", "strict") \
+            if req.query_string else {}
+        body = req.process_request_body and "CONTENT_TYPE" in req.environ and _body_params(req)
+        # query then body parameters; a name given more than once gets the list of its values
+        req.params = _pairs_to_dict(_form_items(query) + _form_items(body)) if body else query
         if hooks:
             _run(hooks, "before_handler")
         if req.handler is method and method is not None:
@@ -2883,8 +2894,7 @@ class Application:
             if method is not None and method is not handler:
                 walked = walked + [method]
             plan = _Plan(self, sections, walked, route)
-            if len(self._plans) < 4096:  # bounded: a default handler takes any path
-                self._plans[key] = plan
+            _remember(self._plans, key, plan, 4096)  # bounded: a default handler takes any path
         return plan
 
     def _check_static(self, path):
@@ -3176,8 +3186,7 @@ def _spec(handler):
         kwonly = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
         required += tuple(k for k in kwonly if k not in (func.__kwdefaults__ or {}))
         spec = (names, required, frozenset(names + kwonly), bool(code.co_flags & 4), bool(code.co_flags & 8))
-    if len(_specs) < 10000:
-        _specs[func] = spec
+    _remember(_specs, func, spec, 10000)
     return spec
 
 
@@ -3222,13 +3231,6 @@ def _mismatch(error, text: str, names) -> None:
     raise error(message)
 
 
-def _merge(query: dict, body: dict) -> dict:
-    """Query then body parameters; a name given more than once gets the list of its values."""
-    if not body:
-        return query
-    return _pairs_to_dict(_form_items(query) + _form_items(body))
-
-
 def _form_items(fields) -> list:
     """[(name, value)] from a dict or pairs; a list value gives one item per element."""
     items = fields.items() if isinstance(fields, dict) else fields or ()
@@ -3257,10 +3259,6 @@ def _form_dict(text: str, max_fields: int, status: int, message: str, errors: st
         raise NotFound("The query string is not UTF-8.") from None
     except ValueError:
         raise HTTPError(status, message) from None
-
-
-def _query_params(query: str) -> dict:
-    return _form_dict(query, 1000, 400, "Too many query parameters.", "strict") if query else {}
 
 
 def _body_params(req) -> dict:
@@ -4640,7 +4638,7 @@ _WEB_TYPES = {".css": "text/css", ".js": "text/javascript", ".mjs": "text/javasc
               ".wasm": "application/wasm", ".json": "application/json", ".svg": "image/svg+xml"}
 _TEXTUAL = ("text/", "application/javascript", "application/json", "application/xml", "image/svg+xml")
 _RANGE = _Lazy(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
-_ENCODED_SLASH = _Lazy(r"%(2f|5c|00)", re.IGNORECASE)
+_ENCODED_SLASH = _Lazy(r"(?i)%(2f|5c|00)")
 
 
 def _content_type(path: str) -> str:

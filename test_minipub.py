@@ -1061,6 +1061,50 @@ def test_parser_head_semantics():
     assert parser.next_event() is minipub.NEED_DATA
 
 
+def test_parser_reuses_a_repeated_head_and_never_caches_a_refusal():
+    shared = {}
+    first, second = minipub.RequestParser(None, shared), minipub.RequestParser(None, shared)
+    plain = b"GET /a?x=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"
+    secret = b"GET /a HTTP/1.1\r\nHost: x\r\nCookie: sid=1\r\n\r\n"
+    first.receive(plain * 2 + secret * 2)
+    heads = [first.next_event() for _ in range(8)][::2]
+    assert heads[0] is heads[1] and heads[2] is heads[3]  # parsed once per connection
+    assert (heads[0].path, heads[0].query, heads[2].path) == ("/a", "x=1", "/a")
+    second.receive(plain + secret + b"GET / HTTP/1.1\r\nHost: x\r\nAUTHORIZATION: Basic eA==\r\n\r\n")
+    assert second.next_event() is heads[0]  # shared by the server's connections...
+    assert second.next_event() is minipub.END_OF_MESSAGE
+    assert second.next_event() is not heads[2]  # ...unless it carries credentials
+    assert second.next_event() is minipub.END_OF_MESSAGE and second.next_event().path == "/"
+    assert list(shared) == [plain[:-4]]
+    for _ in range(2):  # the same bad bytes fail every time
+        parser = minipub.RequestParser(None, shared)
+        parser.receive(b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+        with pytest.raises(minipub.ProtocolError):
+            parser.next_event()
+    assert list(shared) == [plain[:-4]]
+    for n in range(100):  # bounded
+        first.receive(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+        assert first.next_event().path == "/%d" % n and first.next_event() is minipub.END_OF_MESSAGE
+    assert len(first._heads) <= 8 and len(shared) <= 64
+
+
+def test_a_shared_head_gives_each_connection_its_own_address(serve):
+    def app(environ, start_response):
+        body = "%s %s %s" % (environ["REMOTE_PORT"], environ.get("HTTP_ACCEPT"), environ.get("HTTP_X_SEEN"))
+        environ["HTTP_X_SEEN"] = "changed by the app"  # an app may write its environ: not the cached one
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body.encode()]
+    server = serve(app)
+    seen = []
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nAccept: */*\r\n\r\n")
+            body = responses(recv_until_close(sock)[0])[0][2].decode()
+            seen.append((body, str(sock.getsockname()[1])))
+    assert [body for body, _ in seen] == ["%s */* None" % port for _, port in seen]
+    assert len(server._poll.listener.heads) == 1
+
+
 # ===========================================================================
 # WSGI bridge
 # ===========================================================================
