@@ -42,6 +42,7 @@ tools (auth, static files, uploads), the test client, the reloader, and the comm
 # FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS
 # IN THE SOFTWARE.
 
+import io  # loaded by the interpreter at startup: importing it here costs nothing
 import os
 import select
 import selectors
@@ -761,8 +762,9 @@ class _Body:
             rounds -= 1
             if rounds < 0 and not (conn.tls and conn.sock.pending()):  # select() sees the rest
                 return False
+            left = parser.body_left  # None when chunked; the parser's buffer is empty here
             try:
-                data = conn.sock.recv(_RECV)
+                data = conn.sock.recv(min(left, _RECV) if left else _RECV)
             except conn.want:
                 rate, grace = config["server.min_body_rate"], config["server.socket_timeout"]
                 if rate and self.size < (time.monotonic() - self.since - grace) * rate:
@@ -772,7 +774,11 @@ class _Body:
                 raise _ClientGone() from None
             if not data:
                 raise _ClientGone()
-            parser.buffer += data
+            if left:
+                parser.took(len(data))
+                self.add(data, limit)
+            else:
+                parser.buffer += data
 
     def add(self, data: bytes, limit: int) -> None:
         """Keep ``data``; empty at the end of the body.  HTTPError 507 or 503: no room on disk."""
@@ -795,7 +801,6 @@ class _Body:
     def input(self):
         """The whole body as a stream for wsgi.input: read(), readline(), iteration."""
         if self.file is None:
-            import io  # always loaded by the interpreter
             return io.BytesIO(b"".join(self.parts))
         return self.file
 
@@ -1687,6 +1692,14 @@ class RequestParser:
         """Bytes of a Content-Length body not yet returned; None when chunked."""
         return self._remaining if self._state == self._fixed_body else None
 
+    def took(self, n: int) -> None:
+        """The caller received ``n`` (at most body_left) bytes of a Content-Length body itself,
+        with nothing buffered: a large upload goes from the socket to its file without two copies."""
+        assert not self.buffer and 0 < n <= self.body_left
+        self._remaining -= n
+        if not self._remaining:
+            self._state = self._end
+
     def next_event(self, max_bytes: int = _RECV):
         if self.error is not None:
             raise self.error
@@ -1767,7 +1780,8 @@ class RequestParser:
         if not self.buffer:
             return NEED_DATA
         n = min(len(self.buffer), self._remaining, max_bytes)
-        data = bytes(self.buffer[:n])
+        with memoryview(self.buffer) as view:  # one copy, not a bytearray slice and then bytes
+            data = bytes(view[:n])
         del self.buffer[:n]
         self._remaining -= n
         if not self._remaining:
@@ -4856,11 +4870,11 @@ _PARAM = _Lazy(r';[ \t]*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*("(?:[^"\\]|\
 
 class Part:
     """An uploaded file in ``request.params``: ``file`` (at 0) is in memory up to
-    request.upload_spool_size, then a temporary file deleted when the request ends."""
+    request.upload_spool_size, then a temporary file deleted when the request ends (or, in a
+    body the server spooled to disk, a read-only window on that stretch of it)."""
 
     def __init__(self, name: str, filename: str, content_type: str, spool_size: int):
         self.name, self.filename, self.content_type = name, filename, content_type
-        import io
         self.file, self.size, self._spool, self._temp = io.BytesIO(), 0, spool_size, None
 
     @property
@@ -4881,6 +4895,13 @@ class Part:
         except OSError as exc:
             self._spool_failed(exc)
         self.size += len(data)
+
+    def _window(self, spool, start: int, size: int) -> None:
+        """The content is bytes ``start`` to ``start + size`` of the spooled body ``spool``."""
+        small = size <= self._spool
+        self.file = io.BytesIO(os.pread(spool.fileno(), size, start)) if small else \
+            io.BufferedReader(_Window(spool, start, size), _BLOCK)
+        self.size = size
 
     def _rewind(self) -> None:
         try:
@@ -4935,6 +4956,11 @@ class _Blocks:
 
     def __init__(self, body):
         self.body, self.buf = body, bytearray(b"\r\n")  # so the first delimiter has its CRLF
+        self.read = 0  # body bytes read into buf (the CRLF in front is not one of them)
+
+    def tell(self) -> int:
+        """Where in the body the next unconsumed byte is."""
+        return self.read - len(self.buf)
 
     def need(self, n: int) -> None:
         while len(self.buf) < n:
@@ -4942,9 +4968,11 @@ class _Blocks:
             if not block:
                 raise HTTPError(400, "The multipart body ended early.")
             self.buf += block
+            self.read += len(block)
 
-    def until(self, marker: bytes, sink=None, limit: int = -1, error: HTTPError = None) -> None:
-        """Feed the bytes before ``marker`` to ``sink`` (None discards), then drop the marker."""
+    def until(self, marker: bytes, sink=None, limit: int = -1, error: HTTPError = None) -> int:
+        """Feed the bytes before ``marker`` to ``sink`` (None discards), then drop the marker;
+        how many bytes were before it."""
         buf, fed = self.buf, 0
         while True:
             at = buf.find(marker)  # else keep a tail that may be the start of ``marker``
@@ -4955,7 +4983,7 @@ class _Blocks:
                 sink(buf[:n])
             if at >= 0:
                 del buf[:at + len(marker)]
-                return
+                return fed + at
             del buf[:n]
             fed += n
             self.need(len(buf) + 1)
@@ -5015,12 +5043,45 @@ def _part_head(block: bytes):
     return params["name"], filename, fields.get("content-type", "text/plain")
 
 
+class _Window(io.RawIOBase):
+    """Bytes ``start`` to ``start + size`` of an open file, read with os.pread (no shared offset):
+    an uploaded file that lies inside a spooled request body.  It lives as long as that file."""
+
+    def __init__(self, file, start: int, size: int):
+        super().__init__()
+        self.spool, self.start, self.size, self.pos = file, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = os.pread(self.spool.fileno(), max(0, min(len(buffer), self.size - self.pos)), self.start + self.pos)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, offset + (0, self.pos, self.size)[whence])
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 def parse_multipart(req, content_type: str) -> dict:
     """Parse a multipart/form-data body as a stream into fields (str) and Parts; 413 past
     request.max_form_parts parts or request.max_form_field_size bytes of all non-file fields."""
     config, blocks, delimiter = req.app.config, _Blocks(req.body), b"\r\n--" + _boundary(content_type)
     parts = req.__dict__.setdefault("_uploads", [])  # Application closes them after the response
     pairs, budget = [], config["request.max_form_field_size"]
+    # A body the server spooled to a temporary file (a large one): parts are windows on it, so a
+    # 1 GiB upload is written to disk once, not twice (dirty pages past the kernel's threshold
+    # make the second write as slow as the disk).
+    spool = req.body if type(req.body) is io.BufferedRandom else None
+    base = spool.tell() if spool is not None else 0
     try:
         blocks.until(delimiter)  # the preamble is ignored
         while True:
@@ -5043,8 +5104,12 @@ def parse_multipart(req, content_type: str) -> dict:
             else:
                 part = Part(name, filename, ctype, config["request.upload_spool_size"])
                 parts.append(part)
-                blocks.until(delimiter, part._write)
-                part._rewind()
+                if spool is not None:  # the file is that stretch of the spooled body, not a copy of it
+                    start = base + blocks.tell()
+                    part._window(spool, start, blocks.until(delimiter))
+                else:
+                    blocks.until(delimiter, part._write)
+                    part._rewind()
                 pairs.append((name, part))
         while req.body.read(_BLOCK):
             pass
@@ -5180,7 +5245,6 @@ class TestClient:
 
     def send(self, method: str, target: str, headers=(), body: bytes = b"") -> TestResponse:
         """The core: one request as given (``headers`` are (name, value) pairs), no redirects followed."""
-        import io
         from urllib.parse import quote
         from wsgiref.validate import validator
         target = quote(target, safe="".join(map(chr, range(0x21, 0x7f))))  # what a client puts on the wire

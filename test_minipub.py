@@ -3352,7 +3352,7 @@ def upload_app(tmp_path, config=None):
         seen.append(value)
         return {"filename": value.filename, "safe": value.safe_filename, "type": value.content_type,
                 "size": value.size, "sha256": hashlib.sha256(value.file.read()).hexdigest(),
-                "on_disk": value._temp is not None}
+                "on_disk": not isinstance(value.file, io.BytesIO)}
 
     class Root:
         @minipub.expose
@@ -3455,6 +3455,31 @@ def test_upload_save_renames_and_temp_files_go(serve, tmp_path, tmpdir_uploads):
     assert inode == os.stat(tmp_path / "saved" / "x.bin").st_ino  # renamed, not copied
     assert got["b"][0] is None and (tmp_path / "saved" / "small.txt").read_bytes() == b"tiny"
     assert os.listdir(tmpdir_uploads) == []
+
+
+def test_upload_in_a_spooled_body_is_a_window_on_it_saved_as_a_copy(serve, tmp_path, tmpdir_uploads):
+    # A body over server.body_buffer_size is spooled by the poll role: its parts are read from the
+    # spool (written once), small ones copied into memory; save() copies, byte-exact.
+    port = serve(upload_app(tmp_path, {"request.upload_spool_size": 1024})).port
+    data, tiny = os.urandom(2 * 1024 * 1024 + 5), b"\r\n--x\r\n" * 10
+    (tmp_path / "x.bin").write_bytes(data)
+    (tmp_path / "t.txt").write_bytes(tiny)
+    got = json.loads(curl_body("-F", "a=@%s" % (tmp_path / "x.bin"), "-F", "b=@%s" % (tmp_path / "t.txt"),
+                               "http://127.0.0.1:%d/keep" % port))
+    assert (tmp_path / "saved" / "x.bin").read_bytes() == data and got["a"][0] is None
+    assert (tmp_path / "saved" / "t.txt").read_bytes() == tiny
+    assert os.listdir(tmpdir_uploads) == []
+    spool = tmp_path / "spool.bin"
+    spool.write_bytes(b"head" + data + b"tail")
+    with open(spool, "r+b") as body:
+        part = minipub.Part("f", "x", "application/octet-stream", spool_size=10)
+        part._window(body, 4, len(data))
+        assert part.file.read(3) == data[:3] and part.file.tell() == 3
+        assert part.file.seek(-2, 2) == len(data) - 2 and part.file.read() == data[-2:]
+        part.file.seek(0)
+        assert b"".join(iter(lambda: part.file.read(65536), b"")) == data
+        part.close()
+        assert not body.closed  # the window never closes the spooled body
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
