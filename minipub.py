@@ -961,13 +961,56 @@ class _Waits:
                            default=float("inf"))
 
 
-class _PollRole(_Waits):
+class _Drain:
+    """The poll role's part in stopping: what is still to serve, closing idle connections, and
+    closing everything at the end."""
+
+    def _drain(self):
+        """After stop(): idle keep-alive connections close; heads already on their way are read
+        and served for up to a second; connections accepted meanwhile are answered 503 (closing
+        the listener now would reset the ones in its backlog).  A reloader child stops accepting
+        instead: it shares the listening socket with the next generation, which takes them."""
+        now = time.monotonic()
+        if self.drain_until is None:
+            self.drain_until = now + min(1.0, self.config["server.head_timeout"])
+            if _CHILD is not None:
+                self.listener.stop()
+        for conn in list(self.timers["keepalive"]) + (list(self.timers["head"]) if now >= self.drain_until else []):
+            self.drop(conn)
+
+    def busy(self) -> list:
+        """The connections a worker is serving or about to serve."""
+        return [conn for conn in list(self.conns) if conn.kind is None]
+
+    def _drained(self) -> bool:
+        """Nothing left to serve (lingering closes do not hold up the stop)."""
+        if self.pending or self.busy():
+            return False
+        late = self.drain_until is not None and time.monotonic() >= self.drain_until
+        return late or not (self.timers["head"] or self.timers["body"] or self.timers["write"])
+
+    def close_all(self, selector: bool) -> None:
+        for conn in list(self.conns):
+            conn.discard()
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        self.conns.clear()
+        if selector:
+            self.sel.close()
+        for sock in (self.listener.sock, self.wake_r, self.wake_w):
+            sock.close()
+
+
+
+class _PollRole(_Waits, _Drain):
     """The selector and every waiting connection, with their deadlines; the _Acceptor's events.
 
     Only the worker holding the pool's poll lock calls in; serving threads hand connections back
     through ``handback`` and the wake pipe.  A connection stays in the selector while it is
     served (no epoll_ctl() per request) unless another round sees it readable meanwhile; the
-    deadlines of waiting ones are kept by _Waits.  An OSError on one connection (ssl.SSLError
+    deadlines of waiting ones are kept by _Waits, and its part in stopping is _Drain's.  An OSError on one connection (ssl.SSLError
     too) drops it at debug level, any other exception is logged with its traceback and drops it too.
     """
 
@@ -1187,44 +1230,6 @@ class _PollRole(_Waits):
                 self.drop(conn)
         except Exception as exc:
             self.failed(conn, exc)
-
-    # -- stopping -------------------------------------------------------------
-    def _drain(self):
-        """After stop(): idle keep-alive connections close; heads already on their way are read
-        and served for up to a second; connections accepted meanwhile are answered 503 (closing
-        the listener now would reset the ones in its backlog).  A reloader child stops accepting
-        instead: it shares the listening socket with the next generation, which takes them."""
-        now = time.monotonic()
-        if self.drain_until is None:
-            self.drain_until = now + min(1.0, self.config["server.head_timeout"])
-            if _CHILD is not None:
-                self.listener.stop()
-        for conn in list(self.timers["keepalive"]) + (list(self.timers["head"]) if now >= self.drain_until else []):
-            self.drop(conn)
-
-    def busy(self) -> list:
-        """The connections a worker is serving or about to serve."""
-        return [conn for conn in list(self.conns) if conn.kind is None]
-
-    def _drained(self) -> bool:
-        """Nothing left to serve (lingering closes do not hold up the stop)."""
-        if self.pending or self.busy():
-            return False
-        late = self.drain_until is not None and time.monotonic() >= self.drain_until
-        return late or not (self.timers["head"] or self.timers["body"] or self.timers["write"])
-
-    def close_all(self, selector: bool) -> None:
-        for conn in list(self.conns):
-            conn.discard()
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
-        self.conns.clear()
-        if selector:
-            self.sel.close()
-        for sock in (self.listener.sock, self.wake_r, self.wake_w):
-            sock.close()
 
 
 class _Pool:
