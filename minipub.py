@@ -1010,8 +1010,9 @@ class _PollRole(_Waits, _Drain):
     Only the worker holding the pool's poll lock calls in; serving threads hand connections back
     through ``handback`` and the wake pipe.  A connection stays in the selector while it is
     served (no epoll_ctl() per request) unless another round sees it readable meanwhile; the
-    deadlines of waiting ones are kept by _Waits, and its part in stopping is _Drain's.  An OSError on one connection (ssl.SSLError
-    too) drops it at debug level, any other exception is logged with its traceback and drops it too.
+    deadlines of waiting ones are kept by _Waits, and its part in stopping is _Drain's.  An
+    OSError on one connection (ssl.SSLError too) drops it at debug level, any other exception is
+    logged with its traceback and drops it too.
     """
 
     def __init__(self, server, sock):
