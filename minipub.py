@@ -1742,8 +1742,10 @@ class RequestParser:
             head = parse_head(block, self)
             if len(block) <= 4 * KiB:  # bounded: a few small heads per connection, 64 for all
                 _remember(self._heads, block, head, 8)
+                # Shared only without secrets, whose presence another client could time: no
+                # credentials, and no query string (reset links and API keys travel in one).
                 low = block.lower()  # a field name is followed by ":" at once, so this finds each
-                if b"cookie:" not in low and b"authorization:" not in low:
+                if b"cookie:" not in low and b"authorization:" not in low and not head.query:
                     _remember(self.shared, block, head, 64)
         if head.chunked or head.content_length:
             self._start_body(head)

@@ -1064,16 +1064,19 @@ def test_parser_head_semantics():
 def test_parser_reuses_a_repeated_head_and_never_caches_a_refusal():
     shared = {}
     first, second = minipub.RequestParser(None, shared), minipub.RequestParser(None, shared)
-    plain = b"GET /a?x=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"
+    plain = b"GET /a HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"
     secret = b"GET /a HTTP/1.1\r\nHost: x\r\nCookie: sid=1\r\n\r\n"
-    first.receive(plain * 2 + secret * 2)
-    heads = [first.next_event() for _ in range(8)][::2]
-    assert heads[0] is heads[1] and heads[2] is heads[3]  # parsed once per connection
-    assert (heads[0].path, heads[0].query, heads[2].path) == ("/a", "x=1", "/a")
-    second.receive(plain + secret + b"GET / HTTP/1.1\r\nHost: x\r\nAUTHORIZATION: Basic eA==\r\n\r\n")
+    token = b"GET /a?token=s3cret HTTP/1.1\r\nHost: x\r\n\r\n"
+    first.receive(plain * 2 + secret * 2 + token * 2)
+    heads = [first.next_event() for _ in range(12)][::2]
+    assert heads[0] is heads[1] and heads[2] is heads[3] and heads[4] is heads[5]  # parsed once per connection
+    assert (heads[0].path, heads[2].path, heads[4].query) == ("/a", "/a", "token=s3cret")
+    second.receive(plain + secret + token + b"GET / HTTP/1.1\r\nHost: x\r\nAUTHORIZATION: Basic eA==\r\n\r\n")
     assert second.next_event() is heads[0]  # shared by the server's connections...
     assert second.next_event() is minipub.END_OF_MESSAGE
     assert second.next_event() is not heads[2]  # ...unless it carries credentials
+    assert second.next_event() is minipub.END_OF_MESSAGE
+    assert second.next_event() is not heads[4]  # ...or a query string (tokens travel in one)
     assert second.next_event() is minipub.END_OF_MESSAGE and second.next_event().path == "/"
     assert list(shared) == [plain[:-4]]
     for _ in range(2):  # the same bad bytes fail every time
