@@ -5273,8 +5273,9 @@ def test_runs_under_gunicorn_with_workers(tmp_path):
 
 
 def test_import_is_lazy():
-    code = ("import sys; sys.path.insert(0, %r); import minipub; heavy = {'ssl', 'json', 'inspect', 'logging', 'email', 'tempfile', "
-            "'argparse', 'configparser', 'http', 'urllib.parse', 'hashlib'}; "
+    code = ("import sys; sys.path.insert(0, %r); import minipub; heavy = {'ssl', 'json', 're', 'threading', "
+            "'inspect', 'logging', 'email', 'tempfile', 'argparse', 'configparser', 'http', 'urllib.parse', "
+            "'hashlib'}; "
             "print(sorted(heavy & set(sys.modules)))" % HERE)
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=20)
     assert out.stdout.strip() == "[]", out.stderr
