@@ -129,6 +129,8 @@ LIMITS = (
     ("server.body_buffer_size", 1 * MiB, "bytes",
      "request bodies are read whole by the poll role before a worker sees them: this much in memory, "
      "the rest in a temporary file"),
+    ("server.max_body_memory", 256 * MiB, "bytes",
+     "request bodies held in memory, all connections together; past it they go to temporary files"),
     ("server.max_unsent_bytes", 512 * MiB, "bytes",
      "response bytes queued for slow readers, all connections together (memory, then temporary files)"),
     ("server.max_chunk_extension_size", 1 * KiB, "bytes",
@@ -737,10 +739,11 @@ class _Body:
     server.body_buffer_size and beyond that into a temporary file, so an upload of any size and
     speed costs a descriptor, not a thread.  The application reads a BytesIO or the file."""
 
-    __slots__ = ("parts", "file", "size", "since")
+    __slots__ = ("parts", "file", "size", "since", "server", "held")
 
     def __init__(self, conn):
         self.parts, self.file, self.size, self.since = [], None, 0, time.monotonic()
+        self.server, self.held = conn.server, 0  # held: this body's part of server._body_memory
         if conn.head.expect_continue and not conn.parser.buffer:
             # RFC 9110 10.1.1: "A server MAY omit sending a 100 (Continue) response if it has
             # already received some or all of the content for the corresponding request"
@@ -788,11 +791,12 @@ class _Body:
         """Keep ``data``; empty at the end of the body.  HTTPError 507 or 503: no room on disk."""
         self.size += len(data)
         try:
-            if self.file is None and self.size > limit:
+            if self.file is None and (self.size > limit or not self._hold(len(data))):
                 import tempfile
                 self.file = tempfile.TemporaryFile()
                 self.file.writelines(self.parts)
                 self.parts = None
+                self._hold(-self.held)
             if self.file is None:
                 self.parts.append(data)
             elif data:
@@ -808,9 +812,23 @@ class _Body:
             return io.BytesIO(b"".join(self.parts))
         return self.file
 
+    def _hold(self, size: int) -> bool:
+        """Count ``size`` more bytes (fewer if negative) of bodies in memory, all connections
+        together: False over server.max_body_memory, so 4,096 clients of 1 MiB each cannot
+        make the server hold 4 GiB (the body goes to a temporary file instead)."""
+        server = self.server
+        with server._unsent_lock:
+            if size > 0 and server._body_memory + size > server.config["server.max_body_memory"]:
+                return False
+            server._body_memory += size
+        self.held += size
+        return True
+
     def close(self) -> None:
+        """The body is done with (served, or its client gone): its memory or file goes."""
         if self.file is not None:
             self.file.close()
+        self._hold(-self.held)
 
 
 def _no_room(exc: OSError, what: str) -> HTTPError:
@@ -1418,6 +1436,7 @@ class Server:
         self._want = (BlockingIOError, InterruptedError)
         self._access = None
         self._unsent, self._unsent_lock = 0, threading.Lock()  # bytes queued by all _Conn.queue()
+        self._body_memory = 0  # bytes of request bodies in memory (_Body._hold), under the same lock
         self._env = None  # the environ keys of every request, built at the first
 
     # -- lifecycle ---------------------------------------------------------
@@ -2187,8 +2206,8 @@ class _Exchange:
         except ProtocolError as err:
             self.fail(err.status, err.message)
         finally:
-            if self.input is not _NO_BODY:
-                self.input.close()  # and its temporary file
+            if self.conn.body is not None:
+                self.conn.body.close()  # its memory or temporary file
                 self.conn.body = None
         if self.server._access:
             if self.conn.out:

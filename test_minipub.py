@@ -3612,6 +3612,24 @@ def test_upload_disconnect_frees_the_spooled_body_at_once(serve, tmp_path, tmpdi
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a gone client is no handler bug
 
 
+def test_bodies_in_memory_are_bounded_for_all_connections_together(serve):
+    # server.max_body_memory: past it a body goes to a temporary file, whatever its size, and
+    # what a body held is given back when it is done with (served, or its client gone).
+    def echo(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%s %s" % (type(environ["wsgi.input"]).__name__.encode(), environ["wsgi.input"].read())]
+    server = serve(echo, max_body_memory=4000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
+        held.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"a" * 3000)
+        assert wait_until(lambda: server._body_memory == 3000, 5)  # in memory, waiting for the rest
+        for size in (100, 2000):  # 3000 + 2000 is over: that one goes to a file
+            answer = exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                              b"Connection: close\r\n\r\n%s" % (size, b"b" * size))
+            assert answer.endswith((b"BytesIO " if size == 100 else b"BufferedRandom ") + b"b" * size)
+        assert server._body_memory == 3000
+    assert wait_until(lambda: server._body_memory == 0, 5)  # the client went: its part is given back
+
+
 def test_upload_into_a_full_directory_is_507_and_leaves_nothing(serve, tmp_path, monkeypatch, minipub_logs):
     import tempfile
     full = tmp_path / "full"
