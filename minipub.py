@@ -809,7 +809,8 @@ class _Body:
     def input(self):
         """The whole body as a stream for wsgi.input: read(), readline(), iteration."""
         if self.file is None:
-            return io.BytesIO(b"".join(self.parts))
+            data, self.parts = b"".join(self.parts), None  # BytesIO shares the bytes: one copy in memory
+            return io.BytesIO(data)
         return self.file
 
     def _hold(self, size: int) -> bool:
@@ -1023,7 +1024,6 @@ class _Drain:
             self.sel.close()
         for sock in (self.listener.sock, self.wake_r, self.wake_w):
             sock.close()
-
 
 
 class _PollRole(_Waits, _Drain):
