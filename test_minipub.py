@@ -712,6 +712,26 @@ def test_resets_at_every_step_leave_the_server_serving(serve, tls, error_records
     assert not [r.getMessage() for r in error_records]
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_a_spooled_body_then_a_pipelined_request_in_the_same_send(serve, tls, secure):
+    # A Content-Length body over body_buffer_size goes from recv() to its file (the parser is
+    # told how much it took); the request after it, sent with it, is answered next, in order.
+    def app(environ, start_response):
+        data = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d:%s;" % (len(data), hashlib.sha256(data).hexdigest()[:8].encode())]
+    tls = tls if secure else None
+    server = serve(app, body_buffer_size=1000, **(_tls_options(tls) if secure else {}))
+    body = os.urandom(3 * 1024 * 1024 + 7)
+    with _connect(server.port, tls) as sock:
+        sock.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (len(body), body))
+        answer = recv_until_close(sock)[0]
+    first = b"%d:%s;" % (len(body), hashlib.sha256(body).hexdigest()[:8].encode())
+    assert answer.count(b"HTTP/1.1 200 OK") == 2
+    assert answer.index(first) < answer.index(b"0:e3b0c442;")  # the empty body's sha256, second
+
+
 @pytest.mark.parametrize("cls,where", [("_Acceptor", "_adopt"), ("_PollRole", "_pull")])
 def test_a_fault_in_the_poll_role_drops_only_that_connection(serve, monkeypatch, error_records, cls, where):
     server = serve(hello_app)
