@@ -1281,8 +1281,8 @@ class _Pool:
         gate.acquire()
         worker = threading.Thread(target=self._run, args=(gate,), name="minipub-%d" % len(self.workers),
                                   daemon=True)
+        worker.start()  # returns once it runs: a worker in the list is alive
         self.workers.append(worker)
-        worker.start()
 
     def lead(self, cap: float = None) -> None:
         """One round of the poll role; the caller took poll_lock, released here."""
